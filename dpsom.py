@@ -1,0 +1,478 @@
+"""Train and evaluate DPSOM: a Sacred experiment with three phases sharing one optimiser and one step count.
+
+    python dpsom.py with quick data_dir=path/to/idx_files
+    python dpsom.py print_config
+    tensorboard --logdir runs
+
+Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototypes learn),
+3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
+"""
+import gzip
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import urllib.request
+from datetime import datetime
+
+import numpy as np
+import torch
+from sacred import Experiment
+from sacred.utils import apply_backspaces_and_linefeeds
+from sklearn.model_selection import train_test_split
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from decay_scheduler import decayed_lr, set_lr
+from dpsom_model import DPSOM
+from tf1_adam import TF1Adam
+from utils import clustering_metrics
+
+ex = Experiment("dpsom")
+ex.captured_out_filter = apply_backspaces_and_linefeeds
+
+
+@ex.config
+def config():
+    data_set = "MNIST"               # "MNIST" or "fMNIST"
+    data_dir = "data"                # holds mnist/ and fashion-mnist/ with the 4 IDX .gz files each
+    validation = False               # evaluate and monitor on the validation split (True) or the test set
+    max_train_samples = None         # use only the first N training images (None: all 51,000)
+    convolution = False              # convolutional encoder/decoder instead of the dense one
+    latent_dim = 100                 # dimension of the latent space
+    som_dim = [8, 8]                 # SOM grid, rows x columns
+    toroidal = True                  # SOM neighbourhood wraps around the edges (the reference's grid)
+    alpha = 10.0                     # Student's t degrees of freedom of the soft assignment q (not a loss weight)
+    beta = 0.25                      # weight of the SOM loss
+    gamma = 20                       # weight of the clustering loss KL(P||Q)
+    theta = 1                        # weight of the ELBO
+    prior = 0.5                      # weight of the KL term inside the ELBO
+    prior_var = 1                    # standard deviation of the N(0, prior_var^2 I) prior
+    dropout = 0.4                    # dropout after dense encoder layers 1 and 2 (0: none)
+    batch_size = 300                 # the last partial batch of each epoch is dropped
+    epochs_pretrain = 15             # phase 1 epochs
+    learning_rate_pretrain = 0.001   # phase 1 learning rate
+    som_learning_rates = [0.9, 0.3, 0.1, 0.01]  # phase 2: one block of som_epochs per rate
+    som_epochs = 5                   # phase 2 epochs per block
+    num_epochs = 300                 # phase 3 epochs
+    learning_rate = 0.001            # phase 3 learning rate
+    decay_factor = 0.99              # lr *= decay_factor every decay_steps global steps (staircase)
+    decay_steps = 1000               # the reference's effective value: its configured 5000 was never passed on
+    val_epochs = False               # evaluate every 10 joint epochs as well as at the end
+    more_runs = False                # repeat the whole training n_runs times with seeds seed, seed+1, ...
+    n_runs = 10                      # runs when more_runs is set; mean and std are reported
+    posterior = "diag"               # "diag" (mu, logvar heads) or "tril" (the reference's full covariance)
+    batchnorm = "standard"           # "standard" or "frozen" (the reference's BN after the activation, stats 0/1)
+    leaky_logits = False             # LeakyReLU on the dense decoder's logits, as the reference had
+    adam = "torch"                   # "torch" or "tf1" (TF1's bias correction over the global step)
+    eval_sample = False              # evaluate on one posterior sample (reference) instead of the mean
+    device = "auto"                  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
+    arch = "conv" if convolution else "dense"
+    logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}")  # run folder
+    save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
+    use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
+    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{som_dim[0]}x{som_dim[1]}.pt")
+
+
+@ex.named_config
+def fmnist():
+    data_set = "fMNIST"
+    beta = 0.4      # the reference README's value for Fashion-MNIST
+
+
+@ex.named_config
+def conv():
+    convolution = True
+
+
+@ex.named_config
+def quick():
+    """A few minutes on a 2-core CPU: 15,000 training images, shorter phases, validation split."""
+    max_train_samples = 15000
+    validation = True
+    epochs_pretrain = 8
+    som_epochs = 1
+    num_epochs = 12
+
+
+@ex.named_config
+def tf_original():
+    """The reference's numerics: compare a run against the TensorFlow code."""
+    posterior = "tril"
+    batchnorm = "frozen"
+    dropout = 0.0
+    leaky_logits = True
+    adam = "tf1"
+    eval_sample = True
+
+
+# ---- data -------------------------------------------------------------------------------------------
+DATASETS = {  # folder, mirrors, {file: MD5 of the .gz, MD5 of the decompressed IDX} (published checksums)
+    "MNIST": ("mnist", ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"], {
+        "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+        "train-labels-idx1-ubyte": ("d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+        "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+        "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637")}),
+    "fMNIST": ("fashion-mnist", ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], {
+        "train-images-idx3-ubyte": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train-labels-idx1-ubyte": ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+        "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+        "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965")}),
+}
+
+
+class DataError(RuntimeError):
+    """A data file is missing, truncated, corrupt or not the expected one."""
+
+
+def parse_idx(raw: bytes, name: str, ndim: int) -> np.ndarray:
+    """Decode an unsigned-byte IDX array of `ndim` dimensions, checking magic number and exact length."""
+    if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise DataError(f"{name} is not an IDX file of {ndim}-D unsigned bytes (wrong header)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(raw) != expected:
+        raise DataError(f"{name} holds {len(raw)} bytes but its header {dims} announces {expected}: truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_idx(folder: str, stem: str, ndim: int, md5: str | None) -> np.ndarray:
+    """Read `stem.gz` (or uncompressed `stem`) from folder; md5 is that of the decompressed bytes."""
+    path = os.path.join(folder, stem + ".gz")
+    try:
+        if os.path.exists(path):
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            path = os.path.join(folder, stem)
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError) as e:   # gzip's CRC and length checks land here
+        raise DataError(f"cannot read {path}: {e}. Delete it and fetch the file again.") from e
+    if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
+        raise DataError(f"{path} is not the canonical file (MD5 of its content {hashlib.md5(raw).hexdigest()}, "
+                        f"expected {md5}). Delete it and fetch the file again.")
+    return parse_idx(raw, path, ndim)
+
+
+def download(data_set: str, folder: str) -> None:
+    """Fetch the missing .gz files of data_set into folder, verifying each MD5 before it lands."""
+    _, mirrors, files = DATASETS[data_set]
+    missing = [s for s in files if not (os.path.exists(os.path.join(folder, s + ".gz"))
+                                        or os.path.exists(os.path.join(folder, s)))]
+    if not missing:
+        return
+    how = (f"Put {', '.join(s + '.gz' for s in missing)} into {os.path.abspath(folder)} "
+           f"(or set data_dir to a folder holding {DATASETS[data_set][0]}/ with them).")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder)
+        probe.close()
+    except OSError as e:
+        raise DataError(f"missing {data_set} files and cannot write to {folder}: {e}. {how}") from e
+    for stem in missing:
+        errors = []
+        for mirror in mirrors:
+            try:
+                with urllib.request.urlopen(mirror + stem + ".gz", timeout=30) as r:
+                    blob = r.read()
+            except OSError as e:
+                errors.append(f"{mirror}: {e}")
+                continue
+            if hashlib.md5(blob).hexdigest() != files[stem][0]:
+                errors.append(f"{mirror}: MD5 mismatch")
+                continue
+            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
+                tmp.write(blob)
+            os.replace(tmp.name, os.path.join(folder, stem + ".gz"))
+            break
+        else:
+            raise DataError(f"cannot download {stem}.gz ({'; '.join(errors)}). {how}")
+
+
+def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples: int | None,
+              verify: bool = True) -> dict[str, np.ndarray]:
+    """Train split (51,000), and the evaluation set: validation split (9,000) or official test set (10,000).
+
+    Each image is divided by its own maximum pixel; the split is the reference's
+    train_test_split(test_size=0.15, random_state=42) of the 60,000 official training images.
+    """
+    sub, _, files = DATASETS[data_set]
+    folder = os.path.join(data_dir, sub)
+    download(data_set, folder)
+    arrays = {s: read_idx(folder, s, 3 if "images" in s else 1, files[s][1] if verify else None) for s in files}
+    for part in ("train", "t10k"):
+        images, labels = arrays[f"{part}-images-idx3-ubyte"], arrays[f"{part}-labels-idx1-ubyte"]
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise DataError(f"{folder}: {part} images {images.shape} do not match labels {labels.shape}")
+
+    def normalise(images):
+        x = images.reshape(len(images), -1).astype(np.float64)
+        return (x / np.maximum(x.max(axis=1, keepdims=True), 1.0)).astype(np.float32)   # guard blank images
+
+    x_train, x_val, y_train, y_val = train_test_split(
+        normalise(arrays["train-images-idx3-ubyte"]), arrays["train-labels-idx1-ubyte"].astype(np.int64),
+        test_size=0.15, random_state=42)
+    if max_train_samples is not None:
+        x_train, y_train = x_train[:max_train_samples], y_train[:max_train_samples]
+    if validation:
+        x_eval, y_eval = x_val, y_val
+    else:
+        x_eval, y_eval = normalise(arrays["t10k-images-idx3-ubyte"]), arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
+    return {"x_train": x_train, "y_train": y_train, "x_eval": x_eval, "y_eval": y_eval}
+
+
+# ---- configuration checks -----------------------------------------------------------------------------
+def check_config(c: dict, n_train: int | None = None) -> None:
+    """Fail before training, naming the key, on a config value that cannot work."""
+    def need(ok, key, what):
+        if not ok:
+            raise ValueError(f"config {key}={c[key]!r}: {what}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    need(c["data_set"] in DATASETS, "data_set", f"must be one of {sorted(DATASETS)}")
+    need(isinstance(c["som_dim"], (list, tuple)) and len(c["som_dim"]) == 2
+         and all(is_int(v) and v > 0 for v in c["som_dim"]), "som_dim", "must be two positive integers")
+    for key in ("batch_size", "latent_dim", "decay_steps", "log_every"):
+        need(is_int(c[key]) and c[key] > 0, key, "must be a positive integer")
+    for key in ("epochs_pretrain", "som_epochs", "num_epochs"):
+        need(is_int(c[key]) and c[key] >= 0, key, "must be a non-negative integer")
+    for key in ("beta", "gamma", "theta", "prior", "learning_rate", "learning_rate_pretrain"):
+        need(isinstance(c[key], (int, float)) and c[key] >= 0, key, "must be a non-negative number")
+    need(isinstance(c["alpha"], (int, float)) and c["alpha"] > 0, "alpha", "degrees of freedom must be > 0")
+    need(isinstance(c["prior_var"], (int, float)) and c["prior_var"] > 0, "prior_var", "a standard deviation must be > 0")
+    need(isinstance(c["dropout"], (int, float)) and 0 <= c["dropout"] < 1, "dropout", "must be in [0, 1)")
+    need(0 < c["decay_factor"] <= 1, "decay_factor", "must be in (0, 1]")
+    need(isinstance(c["som_learning_rates"], (list, tuple))
+         and all(isinstance(v, (int, float)) and v >= 0 for v in c["som_learning_rates"]),
+         "som_learning_rates", "must be a list of non-negative numbers")
+    need(c["max_train_samples"] is None or (is_int(c["max_train_samples"]) and c["max_train_samples"] > 0),
+         "max_train_samples", "must be None or a positive integer")
+    need(c["posterior"] in ("diag", "tril"), "posterior", "must be 'diag' or 'tril'")
+    need(c["batchnorm"] in ("standard", "frozen"), "batchnorm", "must be 'standard' or 'frozen'")
+    need(c["adam"] in ("torch", "tf1"), "adam", "must be 'torch' or 'tf1'")
+    need(not c["more_runs"] or (is_int(c["n_runs"]) and c["n_runs"] > 0), "n_runs", "must be a positive integer")
+    need(not c["use_saved_pretrain"] or os.path.exists(c["pretrain_path"]), "pretrain_path",
+         "does not exist; run once with save_pretrain=True first")
+    if n_train is not None:
+        need(c["batch_size"] <= n_train, "batch_size", f"is larger than the {n_train} training images")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config device={name!r}: CUDA is not available here")
+    return device
+
+
+# ---- training ---------------------------------------------------------------------------------------
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_model(c: dict) -> DPSOM:
+    return DPSOM(latent_dim=c["latent_dim"], som_dim=c["som_dim"], alpha=c["alpha"], beta=c["beta"],
+                 gamma=c["gamma"], theta=c["theta"], prior=c["prior"], prior_var=c["prior_var"],
+                 dropout=c["dropout"], convolution=c["convolution"], toroidal=c["toroidal"],
+                 posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"])
+
+
+def epoch_plan(c: dict) -> list[tuple[str, float]]:
+    """(phase, learning rate of the phase) for every epoch of the run, in order."""
+    return ([("pretrain", c["learning_rate_pretrain"])] * c["epochs_pretrain"]
+            + [("som_init", lr) for lr in c["som_learning_rates"] for _ in range(c["som_epochs"])]
+            + [("train", c["learning_rate"])] * c["num_epochs"])
+
+
+def phase_loss(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """The loss a phase minimises and its parts."""
+    if phase == "pretrain":
+        out = model(x)
+        elbo, nll, kl = model.elbo(x, out)
+        return elbo, {"elbo": elbo, "nll": nll, "kl": kl}
+    if phase == "som_init":
+        with torch.no_grad():   # only the prototypes learn: the encoder runs forward only, no decoder
+            z = model.sample(*model.encode(x))
+            dist = model.distances(z)
+        loss = model.som_init_loss(z, dist)
+        return loss, {"loss": loss}
+    return model.joint_loss(x, model(x), p)
+
+
+@torch.no_grad()
+def encode_all(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent codes (N, D) and soft assignments q (N, H*W) of a whole set, batched, encoder only."""
+    was_training = model.training
+    model.eval()
+    zs, qs = [], []
+    for i in range(0, len(x), batch_size):
+        loc, scale = model.encode(x[i:i + batch_size])
+        z = model.sample(loc, scale) if sample else loc
+        zs.append(z)
+        qs.append(model.soft_assign(model.distances(z)))
+    model.train(was_training)
+    return torch.cat(zs), torch.cat(qs)
+
+
+def evaluate(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int, sample: bool) -> dict:
+    """Cluster = BMU of each sample; NMI, purity and AMI over every sample of the set."""
+    _, q = encode_all(model, x, batch_size, sample)
+    clusters = q.argmax(1).cpu().numpy()   # argmax q == argmin distance: q is monotone in the distance
+    return clustering_metrics(clusters, y)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically (temp file, fsync, rename) and keep the previous checkpoint as `<path>.prev`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".tmp") as f:
+        try:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(f.name, path)
+
+
+def checkpoint_state(model, opt, c, global_step, plan_index, phase, epoch) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": global_step,
+            "plan_index": plan_index, "phase": phase, "epoch": epoch, "config": c,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+
+class Logger:
+    """One place that writes scalars to TensorBoard and to Sacred under `<phase>/<name>`."""
+
+    def __init__(self, logdir: str, run):
+        self.writer, self.run = SummaryWriter(logdir), run
+
+    def scalars(self, prefix: str, values: dict, step: int) -> None:
+        for name, value in values.items():
+            value = float(value)   # the only place tensors meet the host
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            if self.run is not None:
+                self.run.log_scalar(f"{prefix}/{name}", value, step)
+
+
+def train(c: dict, data: dict, device: torch.device, logdir: str, run) -> dict:
+    """All three phases with one optimiser and one global step; returns the final metrics."""
+    model = build_model(c).to(device)
+    opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
+    x_train = torch.as_tensor(data["x_train"], device=device)         # (N, 784), resident on the device
+    x_eval = torch.as_tensor(data["x_eval"], device=device)
+    B = c["batch_size"]
+    steps_per_epoch = len(x_train) // B
+    plan = epoch_plan(c)
+    global_step, start = 0, 0
+    if c["use_saved_pretrain"]:
+        state = torch.load(c["pretrain_path"], map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        global_step = state["global_step"]
+        start = c["epochs_pretrain"] + len(c["som_learning_rates"]) * c["som_epochs"]
+    log = Logger(logdir, run)
+    ckpt_path = os.path.join(logdir, "checkpoint.pt")
+    x_mon = x_eval[:B]                                                 # fixed monitoring batch
+    bar, bar_phase, metrics = None, None, {}
+    model.train()
+    for index in range(start, len(plan)):
+        phase, base_lr = plan[index]
+        epoch = [ph for ph, _ in plan[:index]].count(phase)            # epoch within its phase
+        if phase != bar_phase:
+            if bar is not None:
+                bar.close()
+            bar_phase, bar = phase, tqdm(total=[ph for ph, _ in plan].count(phase) * steps_per_epoch, initial=epoch * steps_per_epoch,
+                       desc=phase, disable=None, file=sys.stderr)
+        p_train = p_mon = None
+        if phase == "train":   # DEC target over the whole train split and the monitoring set, once an epoch
+            p_train = DPSOM.target_distribution(encode_all(model, x_train, B, c["eval_sample"])[1])
+            p_mon = DPSOM.target_distribution(encode_all(model, x_eval, B, c["eval_sample"])[1])[:B]
+        acc, bad = {}, torch.zeros((), dtype=torch.bool, device=device)
+        for b in range(steps_per_epoch):
+            x = x_train[b * B:(b + 1) * B]
+            p = None if p_train is None else p_train[b * B:(b + 1) * B]
+            lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
+            set_lr(opt, lr)
+            total, parts = phase_loss(model, phase, x, p)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            global_step += 1
+            bar.update(1)
+            bad |= ~torch.isfinite(total)
+            acc = {k: acc.get(k, 0.0) + v.detach() for k, v in parts.items()}
+            if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1:
+                check_finite(bad, acc, phase, epoch, global_step)
+                n = global_step % c["log_every"] or c["log_every"]
+                means = {k: v / n for k, v in acc.items()}
+                log.scalars(phase, {**means, "lr": lr}, global_step)
+                log.scalars(phase, monitor(model, phase, x_mon, p_mon), global_step)
+                bar.set_postfix(loss=f"{float(next(iter(means.values()))):.4g}", refresh=False)
+                acc = {}
+        save_checkpoint(ckpt_path, checkpoint_state(model, opt, c, global_step, index, phase, epoch))
+        last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
+        if phase == "som_init" and last_of_phase and c["save_pretrain"]:
+            save_checkpoint(c["pretrain_path"], checkpoint_state(model, opt, c, global_step, index, phase, epoch))
+        if phase == "train" and (last_of_phase or (c["val_epochs"] and (epoch + 1) % 10 == 0)):
+            metrics = evaluate(model, x_eval, data["y_eval"], B, c["eval_sample"])
+            log.scalars("eval", metrics, global_step)
+    if bar is not None:
+        bar.close()
+    if not metrics:   # no joint epochs: evaluate what the earlier phases produced
+        metrics = evaluate(model, x_eval, data["y_eval"], B, c["eval_sample"])
+        log.scalars("eval", metrics, global_step)
+    log.writer.close()
+    return metrics
+
+
+def check_finite(bad: torch.Tensor, acc: dict, phase: str, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss, naming the phase, epoch, step window and the terms that went bad."""
+    if bool(bad):
+        terms = [k for k, v in acc.items() if not torch.isfinite(v)]
+        raise NonFiniteLoss(f"non-finite loss in phase {phase}, epoch {epoch}, at or before global step {step} "
+                            f"(terms: {', '.join(terms) or 'total'}); the last good checkpoint is kept")
+
+
+@torch.no_grad()
+def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> dict:
+    """The phase's loss on a fixed batch of the evaluation set, in eval mode."""
+    model.eval()
+    _, parts = phase_loss(model, phase, x, p)
+    model.train()
+    return {f"val_{k}": v for k, v in parts.items()}
+
+
+@ex.main
+def main(_config: dict, _run, _seed: int) -> dict:
+    c = dict(_config)
+    check_config(c)
+    device = pick_device(c["device"])
+    data = load_data(c["data_set"], c["data_dir"], c["validation"], c["max_train_samples"])
+    check_config(c, n_train=len(data["x_train"]))
+    print(f"DPSOM on {c['data_set']} ({c['arch']}), {len(data['x_train'])} training images, "
+          f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} images, device {device}, "
+          f"logdir {c['logdir']}")
+    if not c["more_runs"]:
+        result = train(c, data, device, c["logdir"], _run)
+    else:
+        runs = []
+        for i in range(c["n_runs"]):
+            torch.manual_seed(_seed + i)   # Sacred seeded run 0; each further run gets the next seed
+            runs.append(train(c, data, device, os.path.join(c["logdir"], f"run{i}"), _run))
+        result = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        result.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in runs[0]})
+        result["runs"] = runs
+    print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

@@ -1,0 +1,263 @@
+"""DPSOM: a VAE whose latent space holds a grid of SOM prototypes, and the loss terms of the paper.
+
+Manduchi et al., "DPSOM: Deep Probabilistic Clustering with Self-Organizing Maps" (arXiv 1910.01590)
+and T-DPSOM (ACM CHIL 2021). Reference: TensorFlow code in ratschlab/dpsom, folder dpsom/.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Q_EPS = 1e-7             # added to the Student's t kernel before normalising (Keras' epsilon() in the reference)
+TRIL_DIAG_SHIFT = 1e-5   # tfp FillScaleTriL(diag_shift=1e-5): softplus(diag) + 1e-5
+TF_BN_EPS = 1e-3         # Keras BatchNormalization's default epsilon
+LEAKY_SLOPE = 0.2        # tf.nn.leaky_relu's default slope
+IMAGE_PIXELS = 28 * 28
+
+
+class Output(NamedTuple):
+    loc: torch.Tensor        # (B, D) posterior mean
+    scale: torch.Tensor      # (B, D) log-variance ("diag") or (B, D, D) lower-triangular scale ("tril")
+    z: torch.Tensor          # (B, D) the one sample shared by decoder, distances, q and losses
+    logits: Optional[torch.Tensor]  # (B, 784) Bernoulli logits, None when decoding was skipped
+    dist: torch.Tensor       # (B, H*W) squared distances ||z_i - E_j||^2
+    q: torch.Tensor          # (B, H*W) Student's t soft assignments
+
+
+class FrozenBatchNorm(nn.Module):
+    """Keras BatchNormalization in inference mode with moving stats that never move (the reference's case).
+
+    TF never set the Keras learning phase, so every BN was y = gamma * (x - 0) / sqrt(1 + 1e-3) + beta.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)   # channel axis 1 for (B, C) and (B, C, H, W)
+        scale = self.weight / torch.sqrt(self.running_var + TF_BN_EPS)
+        return (x - self.running_mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+
+def _block(layer: nn.Module, width: int, frozen_bn_after_act: bool, conv: bool) -> nn.Sequential:
+    """Layer, BatchNorm and LeakyReLU in the port's order, or the reference's layer -> act -> frozen BN."""
+    act = nn.LeakyReLU(LEAKY_SLOPE)
+    if frozen_bn_after_act:
+        return nn.Sequential(layer, act, FrozenBatchNorm(width))
+    return nn.Sequential(layer, nn.BatchNorm2d(width) if conv else nn.BatchNorm1d(width), act)
+
+
+def tril_fill_index(n: int) -> torch.Tensor:
+    """Index into the n(n+1)/2 scale parameters for each (i, j) of the lower triangle, tfp's fill order.
+
+    tfp.math.fill_triangular reshapes concat(t[n:], reverse(t)) to (n, n) and keeps the lower triangle.
+    Entries above the diagonal get index -1.
+    """
+    m = n * (n + 1) // 2
+    k = torch.arange(n * n).view(n, n)                      # (n, n) flat position in the n*n vector
+    index = torch.where(k < m - n, n + k, 2 * m - n - 1 - k)
+    return torch.where(torch.ones(n, n, dtype=torch.bool).tril(), index, torch.full_like(index, -1))
+
+
+def grid_neighbours(som_dim: tuple[int, int], toroidal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of [up (r+1), down (r-1), right (c+1), left (c-1)] of every node, and which exist.
+
+    Node (r, c) has flat index r*W + c. On a planar grid the missing neighbours of edge nodes are masked
+    (their index is the node itself, harmless under the mask).
+    """
+    H, W = som_dim
+    r, c = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)                      # (H*W,)
+    rows = torch.stack([r + 1, r - 1, r, r], dim=1)          # (H*W, 4)
+    cols = torch.stack([c, c, c + 1, c - 1], dim=1)
+    if toroidal:
+        return (rows % H) * W + (cols % W), torch.ones(H * W, 4, dtype=torch.bool)
+    exists = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    index = torch.where(exists, rows * W + cols, (r * W + c).unsqueeze(1))
+    return index, exists
+
+
+class DPSOM(nn.Module):
+    """VAE encoder/decoder (dense or convolutional) plus an H x W grid of SOM prototypes in latent space."""
+
+    def __init__(self, latent_dim: int = 100, som_dim: tuple[int, int] = (8, 8), alpha: float = 10.0,
+                 beta: float = 0.25, gamma: float = 20.0, theta: float = 1.0, prior: float = 0.5,
+                 prior_var: float = 1.0, dropout: float = 0.4, convolution: bool = False,
+                 toroidal: bool = True, posterior: str = "diag", batchnorm: str = "standard",
+                 leaky_logits: bool = False):
+        super().__init__()
+        if posterior not in ("diag", "tril"):
+            raise ValueError(f"posterior must be 'diag' or 'tril', got {posterior!r}")
+        if batchnorm not in ("standard", "frozen"):
+            raise ValueError(f"batchnorm must be 'standard' or 'frozen', got {batchnorm!r}")
+        self.latent_dim, self.som_dim = latent_dim, tuple(som_dim)
+        self.alpha, self.beta, self.gamma, self.theta = alpha, beta, gamma, theta
+        self.prior, self.prior_var = prior, prior_var
+        self.convolution, self.posterior, self.leaky_logits = convolution, posterior, leaky_logits
+        frozen = batchnorm == "frozen"
+        D = latent_dim
+
+        if convolution:
+            conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1)
+            self.encoder = nn.Sequential(
+                _block(conv(1, 32), 32, frozen, True), nn.MaxPool2d(2),
+                _block(conv(32, 64), 64, frozen, True), nn.MaxPool2d(2),
+                _block(conv(64, 128), 128, frozen, True),
+                _block(conv(128, 256), 256, frozen, True))
+            features = 7 * 7 * 256
+            self.decoder_in = nn.Sequential(nn.Linear(D, features), nn.LeakyReLU(LEAKY_SLOPE))  # no BN
+            convt = lambda i, o: nn.ConvTranspose2d(i, o, 3, padding=1)
+            self.decoder = nn.Sequential(
+                _block(convt(256, 128), 128, frozen, True),
+                _block(convt(128, 64), 64, frozen, True), nn.Upsample(scale_factor=2, mode="nearest"),
+                _block(convt(64, 32), 32, frozen, True), nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(32, 1, 3, padding=1))
+        else:
+            # Port: dropout after encoder layers 1 and 2. Deviation: the reference's Dropout was inactive.
+            drop = (lambda: nn.Dropout(dropout)) if dropout > 0 else nn.Identity
+            self.encoder = nn.Sequential(
+                _block(nn.Linear(IMAGE_PIXELS, 500), 500, frozen, False), drop(),
+                _block(nn.Linear(500, 500), 500, frozen, False), drop(),
+                _block(nn.Linear(500, 2000), 2000, frozen, False))
+            features = 2000
+            self.decoder_in = nn.Identity()
+            self.decoder = nn.Sequential(
+                _block(nn.Linear(D, 2000), 2000, frozen, False),
+                _block(nn.Linear(2000, 500), 500, frozen, False),
+                _block(nn.Linear(500, 500), 500, frozen, False),
+                nn.Linear(500, IMAGE_PIXELS))
+        head_width = 2 * D if posterior == "diag" else D + D * (D + 1) // 2
+        self.head = nn.Linear(features, head_width)
+        H, W = self.som_dim
+        self.embeddings = nn.Parameter(nn.init.trunc_normal_(torch.empty(H, W, D), std=0.05, a=-0.1, b=0.1))
+        neighbours, exists = grid_neighbours(self.som_dim, toroidal)
+        self.register_buffer("neighbours", neighbours, persistent=False)        # (H*W, 4)
+        self.register_buffer("neighbour_mask", exists, persistent=False)        # (H*W, 4)
+        if posterior == "tril":
+            self.register_buffer("tril_index", tril_fill_index(D), persistent=False)  # (D, D)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight)   # Glorot-uniform kernels, zero biases, as Keras
+                nn.init.zeros_(m.bias)
+
+    # ---- networks -------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 784) in [0, 1] -> posterior loc (B, D) and log-variance (B, D) or scale_tril (B, D, D)."""
+        if self.convolution:
+            h = self.encoder(x.view(-1, 1, 28, 28) - 0.5)              # (B, 256, 7, 7)
+            h = h.permute(0, 2, 3, 1).flatten(1)                       # (B, 12544), TF's H,W,C order
+        else:
+            h = self.encoder(x)                                        # (B, 2000)
+        o = self.head(h)
+        D = self.latent_dim
+        loc = o[:, :D]                                                 # (B, D)
+        if self.posterior == "diag":
+            return loc, o[:, D:]                                       # (B, D) logvar
+        raw = o[:, D:][:, self.tril_index.clamp(min=0)]                # (B, D, D)
+        raw = raw * (self.tril_index >= 0)                             # zero above the diagonal
+        diag = F.softplus(torch.diagonal(raw, dim1=1, dim2=2)) + TRIL_DIAG_SHIFT
+        return loc, raw.tril(-1) + torch.diag_embed(diag)
+
+    def sample(self, loc: torch.Tensor, scale: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z = loc + sigma * eps (diag) or loc + L eps (tril); eps ~ N(0, I) unless given."""
+        eps = torch.randn_like(loc) if eps is None else eps
+        if self.posterior == "diag":
+            return loc + torch.exp(0.5 * scale) * eps
+        return loc + (scale @ eps.unsqueeze(-1)).squeeze(-1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) -> Bernoulli logits (B, 784)."""
+        h = self.decoder_in(z)
+        if self.convolution:
+            h = h.view(-1, 7, 7, 256).permute(0, 3, 1, 2)            # TF's NHWC reshape, then NCHW
+        logits = self.decoder(h).flatten(1)                            # (B, 784)
+        # tf_original: the reference's last dense layer had activation=leaky_relu on its logits.
+        return F.leaky_relu(logits, LEAKY_SLOPE) if self.leaky_logits else logits
+
+    # ---- SOM ------------------------------------------------------------------------------------
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """Squared Euclidean distance of each z to each prototype, (B, D) -> (B, H*W)."""
+        E = self.embeddings.view(-1, self.latent_dim)                  # (H*W, D)
+        return ((z.unsqueeze(1) - E.unsqueeze(0)) ** 2).sum(-1)       # (B, H*W)
+
+    def soft_assign(self, dist: torch.Tensor) -> torch.Tensor:
+        """Student's t soft assignment q with `alpha` degrees of freedom, rows summing to 1."""
+        q = Q_EPS + (1.0 + dist / self.alpha) ** (-(self.alpha + 1.0) / 2.0)   # (B, H*W)
+        return q / q.sum(dim=1, keepdim=True)
+
+    @staticmethod
+    def target_distribution(q: torch.Tensor) -> torch.Tensor:
+        """DEC target p_ij = q_ij^2 / f_j, f_j = sum_i q_ij over all rows given, then rows normalised."""
+        p = q ** 2 / q.sum(dim=0)                                      # (N, H*W)
+        return p / p.sum(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None, sample: bool = True,
+                decode: bool = True) -> Output:
+        """One pass; z is drawn once (or z = loc when sample=False) and shared by everything after."""
+        loc, scale = self.encode(x)
+        z = self.sample(loc, scale, eps) if sample else loc
+        dist = self.distances(z)
+        return Output(loc, scale, z, self.decode(z) if decode else None, dist, self.soft_assign(dist))
+
+    def bmu_neighbours(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[BMU, up, down, right, left] flat indices (B, 5) and which exist (B, 5)."""
+        index = torch.cat([k.unsqueeze(1), self.neighbours[k]], dim=1)
+        exists = torch.cat([torch.ones_like(k, dtype=torch.bool).unsqueeze(1), self.neighbour_mask[k]], dim=1)
+        return index, exists
+
+    # ---- loss terms -----------------------------------------------------------------------------
+    def nll(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Bernoulli negative log-likelihood summed over pixels, mean over the batch."""
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1).mean()
+
+    def kl_prior(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Analytic KL(q(z|x) || N(0, prior_var^2 I)), mean over the batch (prior_var is a std)."""
+        s2 = float(self.prior_var) ** 2
+        D = self.latent_dim
+        if self.posterior == "diag":
+            kl = 0.5 * (scale.exp() / s2 + loc ** 2 / s2 - 1.0 + math.log(s2) - scale).sum(1)
+        else:
+            log_det = 2.0 * torch.log(torch.diagonal(scale, dim1=1, dim2=2)).sum(1)    # log|L L^T|
+            trace = (scale ** 2).sum((1, 2))                                           # tr(L L^T)
+            kl = 0.5 * (trace / s2 + (loc ** 2).sum(1) / s2 - D + D * math.log(s2) - log_det)
+        return kl.mean()
+
+    def elbo(self, x: torch.Tensor, out: Output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negative ELBO = NLL + prior * KL; returns (elbo, nll, kl)."""
+        nll, kl = self.nll(x, out.logits), self.kl_prior(out.loc, out.scale)
+        return nll + self.prior * kl, nll, kl
+
+    def clustering_kl(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """KL(P || Q) = mean_i sum_j p_ij log(p_ij / q_ij); p is a fixed target (no gradient)."""
+        return (p * torch.log(p / q)).sum(1).mean()
+
+    def som_loss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """-mean_i sum_j sg(q_ij) sum_{n in N(j)} log q'_in, q' from sg(z): only prototypes learn."""
+        q_ng = self.soft_assign(self.distances(z.detach()))          # reference: z_dist_flat_ng, stop_gradient(z)
+        log_q_nb = torch.log(q_ng)[:, self.neighbours] * self.neighbour_mask   # (B, H*W, 4)
+        return -(q.detach() * log_q_nb.sum(-1)).sum(1).mean()        # reference: stop_gradient(new_q)
+
+    def som_init_loss(self, z: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """Standard-SOM loss of phase 2: commitment to the BMU plus pull of the BMU's neighbourhood."""
+        z = z.detach()                                               # reference: stop_gradient(sample_z_e)
+        E = self.embeddings.view(-1, self.latent_dim)                # (H*W, D)
+        k = dist.argmin(dim=1)                                       # (B,)
+        commit = ((z - E[k]) ** 2).mean()
+        index, exists = self.bmu_neighbours(k)                       # (B, 5)
+        sq = ((z.unsqueeze(1) - E[index]) ** 2).mean(-1)             # (B, 5)
+        som = (sq * exists).sum() / exists.sum()                     # mean over existing neighbours
+        return commit + som
+
+    def joint_loss(self, x: torch.Tensor, out: Output, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """theta * ELBO + gamma * KL(P||Q) + beta * SOM; returns the total and its parts for logging."""
+        elbo, nll, kl = self.elbo(x, out)
+        cah = self.clustering_kl(p, out.q)
+        som = self.som_loss(out.z, out.q)
+        total = self.theta * elbo + self.gamma * cah + self.beta * som
+        return total, {"loss": total, "elbo": elbo, "nll": nll, "kl": kl, "cah": cah, "som": som}

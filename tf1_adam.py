@@ -1,0 +1,45 @@
+"""Adam with TensorFlow 1's update rule, for the tf_original parity mode.
+
+tf.train.AdamOptimizer keeps one pair of beta powers for the whole optimiser, advanced on every step of
+every train op sharing it, and folds the bias correction into the step size:
+    lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t),   theta -= lr_t * m / (sqrt(v) + eps)
+with t the optimiser's global step count. torch.optim.Adam instead counts steps per parameter and adds
+eps after its own bias correction. Parameters whose gradient is None are skipped, as TF skips variables
+without a gradient, but they still see the shared step count.
+"""
+import math
+
+import torch
+
+
+class TF1Adam(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.global_step = 0   # steps taken by this optimiser, whatever loss they minimised
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.global_step += 1
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            t = self.global_step
+            lr_t = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                m, v = state["m"], state["v"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-lr_t)
+
+    def state_dict(self):
+        return {**super().state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.global_step = state_dict.pop("global_step")
+        super().load_state_dict(state_dict)
