@@ -7,6 +7,7 @@
 Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototypes learn),
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
 """
+import functools
 import gzip
 import hashlib
 import math
@@ -39,6 +40,7 @@ def config():
     data_dir = "data"                # holds mnist/ and fashion-mnist/ with the 4 IDX .gz files each
     validation = False               # evaluate and monitor on the validation split (True) or the test set
     max_train_samples = None         # use only the first N training images (None: all 51,000)
+    max_eval_samples = None          # evaluate and monitor on the first N images of the evaluation set only
     convolution = False              # convolutional encoder/decoder instead of the dense one
     latent_dim = 100                 # dimension of the latent space
     som_dim = [8, 8]                 # SOM grid, rows x columns
@@ -73,7 +75,7 @@ def config():
     logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}")  # run folder
     save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
     use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
-    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{som_dim[0]}x{som_dim[1]}.pt")
+    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{'x'.join(map(str, som_dim))}.pt")
 
 
 @ex.named_config
@@ -192,17 +194,24 @@ def download(data_set: str, folder: str) -> None:
             raise DataError(f"cannot download {stem}.gz ({'; '.join(errors)}). {how}")
 
 
-def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples: int | None,
-              verify: bool = True) -> dict[str, np.ndarray]:
+@functools.lru_cache(maxsize=2)   # repeated runs in one process (more_runs, tests) read the files once
+def read_dataset(data_set: str, data_dir: str) -> dict[str, np.ndarray]:
+    """The 4 IDX arrays of data_set, downloaded first where missing, each checked against its MD5."""
+    sub, _, files = DATASETS[data_set]
+    folder = os.path.join(data_dir, sub)
+    download(data_set, folder)
+    return {s: read_idx(folder, s, 3 if "images" in s else 1, files[s][1]) for s in files}
+
+
+def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples: int | None = None,
+              max_eval_samples: int | None = None) -> dict[str, np.ndarray]:
     """Train split (51,000), and the evaluation set: validation split (9,000) or official test set (10,000).
 
     Each image is divided by its own maximum pixel; the split is the reference's
     train_test_split(test_size=0.15, random_state=42) of the 60,000 official training images.
     """
-    sub, _, files = DATASETS[data_set]
-    folder = os.path.join(data_dir, sub)
-    download(data_set, folder)
-    arrays = {s: read_idx(folder, s, 3 if "images" in s else 1, files[s][1] if verify else None) for s in files}
+    folder = os.path.join(data_dir, DATASETS[data_set][0])
+    arrays = read_dataset(data_set, data_dir)
     for part in ("train", "t10k"):
         images, labels = arrays[f"{part}-images-idx3-ubyte"], arrays[f"{part}-labels-idx1-ubyte"]
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
@@ -221,7 +230,7 @@ def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples:
         x_eval, y_eval = x_val, y_val
     else:
         x_eval, y_eval = normalise(arrays["t10k-images-idx3-ubyte"]), arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    return {"x_train": x_train, "y_train": y_train, "x_eval": x_eval, "y_eval": y_eval}
+    return {"x_train": x_train, "y_train": y_train, "x_eval": x_eval[:max_eval_samples], "y_eval": y_eval[:max_eval_samples]}
 
 
 # ---- configuration checks -----------------------------------------------------------------------------
@@ -247,8 +256,8 @@ def check_config(c: dict, n_train: int | None = None) -> None:
     need(isinstance(c["som_learning_rates"], (list, tuple))
          and all(isinstance(v, (int, float)) and v >= 0 for v in c["som_learning_rates"]),
          "som_learning_rates", "must be a list of non-negative numbers")
-    need(c["max_train_samples"] is None or (is_int(c["max_train_samples"]) and c["max_train_samples"] > 0),
-         "max_train_samples", "must be None or a positive integer")
+    for key in ("max_train_samples", "max_eval_samples"):
+        need(c[key] is None or (is_int(c[key]) and c[key] > 0), key, "must be None or a positive integer")
     need(c["posterior"] in ("diag", "tril"), "posterior", "must be 'diag' or 'tril'")
     need(c["batchnorm"] in ("standard", "frozen"), "batchnorm", "must be 'standard' or 'frozen'")
     need(c["adam"] in ("torch", "tf1"), "adam", "must be 'torch' or 'tf1'")
@@ -278,6 +287,51 @@ def build_model(c: dict) -> DPSOM:
                  gamma=c["gamma"], theta=c["theta"], prior=c["prior"], prior_var=c["prior_var"],
                  dropout=c["dropout"], convolution=c["convolution"], toroidal=c["toroidal"],
                  posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"])
+
+
+def train_step(model: DPSOM, opt: torch.optim.Optimizer, phase: str, x: torch.Tensor, p: torch.Tensor | None,
+               lr: float) -> dict:
+    """One optimiser step of the phase's loss; returns its parts as device tensors (no host sync)."""
+    set_lr(opt, lr)
+    total, parts = phase_loss(model, phase, x, p)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    return parts
+
+
+class StepStats:
+    """Running sums of the loss parts and the first non-finite step, kept on the device between log points."""
+
+    def __init__(self):
+        self.names, self.n = None, 0
+
+    def add(self, parts: dict, step: int) -> None:
+        values = torch.stack([v.detach() for v in parts.values()])     # (terms,)
+        if self.names is None:
+            self.names = list(parts)
+            self.sum = torch.zeros_like(values)
+            self.bad_step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.bad_values = torch.zeros_like(values)
+        first_bad = ~torch.isfinite(values).all() & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_values = torch.where(first_bad, values, self.bad_values)
+        self.sum += values
+        self.n += 1
+
+    def check(self, phase: str, epoch: int) -> None:
+        """Stop on a non-finite loss, naming the phase, epoch, step and the terms that went bad."""
+        step = int(self.bad_step)
+        if step >= 0:
+            terms = [k for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v)]
+            raise NonFiniteLoss(f"non-finite loss in phase {phase}, epoch {epoch}, global step {step} "
+                                f"(terms: {', '.join(terms)}); the last good checkpoint is kept")
+
+    def pop_means(self) -> dict:
+        means = dict(zip(self.names, (self.sum / self.n).tolist()))
+        self.sum.zero_()
+        self.n = 0
+        return means
 
 
 def epoch_plan(c: dict) -> list[tuple[str, float]]:
@@ -395,28 +449,19 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run) -> dict:
         if phase == "train":   # DEC target over the whole train split and the monitoring set, once an epoch
             p_train = DPSOM.target_distribution(encode_all(model, x_train, B, c["eval_sample"])[1])
             p_mon = DPSOM.target_distribution(encode_all(model, x_eval, B, c["eval_sample"])[1])[:B]
-        acc, bad = {}, torch.zeros((), dtype=torch.bool, device=device)
+        stats = StepStats()
         for b in range(steps_per_epoch):
             x = x_train[b * B:(b + 1) * B]
             p = None if p_train is None else p_train[b * B:(b + 1) * B]
             lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
-            set_lr(opt, lr)
-            total, parts = phase_loss(model, phase, x, p)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
             global_step += 1
+            stats.add(train_step(model, opt, phase, x, p, lr), global_step)
             bar.update(1)
-            bad |= ~torch.isfinite(total)
-            acc = {k: acc.get(k, 0.0) + v.detach() for k, v in parts.items()}
             if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1:
-                check_finite(bad, acc, phase, epoch, global_step)
-                n = global_step % c["log_every"] or c["log_every"]
-                means = {k: v / n for k, v in acc.items()}
-                log.scalars(phase, {**means, "lr": lr}, global_step)
-                log.scalars(phase, monitor(model, phase, x_mon, p_mon), global_step)
-                bar.set_postfix(loss=f"{float(next(iter(means.values()))):.4g}", refresh=False)
-                acc = {}
+                stats.check(phase, epoch)
+                means = stats.pop_means()
+                log.scalars(phase, {**means, "lr": lr, **monitor(model, phase, x_mon, p_mon)}, global_step)
+                bar.set_postfix(loss=f"{next(iter(means.values())):.4g}", refresh=False)
         save_checkpoint(ckpt_path, checkpoint_state(model, opt, c, global_step, index, phase, epoch))
         last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
         if phase == "som_init" and last_of_phase and c["save_pretrain"]:
@@ -433,14 +478,6 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run) -> dict:
     return metrics
 
 
-def check_finite(bad: torch.Tensor, acc: dict, phase: str, epoch: int, step: int) -> None:
-    """Stop on a non-finite loss, naming the phase, epoch, step window and the terms that went bad."""
-    if bool(bad):
-        terms = [k for k, v in acc.items() if not torch.isfinite(v)]
-        raise NonFiniteLoss(f"non-finite loss in phase {phase}, epoch {epoch}, at or before global step {step} "
-                            f"(terms: {', '.join(terms) or 'total'}); the last good checkpoint is kept")
-
-
 @torch.no_grad()
 def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> dict:
     """The phase's loss on a fixed batch of the evaluation set, in eval mode."""
@@ -455,7 +492,7 @@ def main(_config: dict, _run, _seed: int) -> dict:
     c = dict(_config)
     check_config(c)
     device = pick_device(c["device"])
-    data = load_data(c["data_set"], c["data_dir"], c["validation"], c["max_train_samples"])
+    data = load_data(c["data_set"], c["data_dir"], c["validation"], c["max_train_samples"], c["max_eval_samples"])
     check_config(c, n_train=len(data["x_train"]))
     print(f"DPSOM on {c['data_set']} ({c['arch']}), {len(data['x_train'])} training images, "
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} images, device {device}, "

@@ -1,0 +1,120 @@
+"""Seconds-long runs through the real Sacred entry point on real MNIST."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dpsom
+from conftest import ROOT
+
+TINY = dict(max_train_samples=600, batch_size=100, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1],
+            num_epochs=2, latent_dim=10, validation=True, log_every=3, max_eval_samples=1000, seed=1)
+
+
+def run(tmp_path, data_dir, **updates):
+    config = {**TINY, "data_dir": data_dir, "logdir": str(tmp_path / "run"),
+              "pretrain_path": str(tmp_path / "pre.pt"), **updates}
+    return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"})
+
+
+def tags(logdir):
+    acc = EventAccumulator(logdir)
+    acc.Reload()
+    return acc
+
+
+def test_three_phases_result_checkpoint_and_tensorboard(tmp_path, data_dir):
+    r = run(tmp_path, data_dir)
+    assert set(r.result) == {"nmi", "purity", "ami"}
+    assert 0 < r.result["nmi"] < 1 and 0.1 < r.result["purity"] <= 1
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    steps = 6                                                    # 600 // 100 per epoch
+    assert ckpt["global_step"] == steps * (1 + 2 + 2) and ckpt["phase"] == "train" and ckpt["epoch"] == 1
+    assert set(ckpt) >= {"model", "optimizer", "global_step", "phase", "epoch", "config", "rng"}
+    assert ckpt["config"]["latent_dim"] == 10
+    assert ckpt["model"]["embeddings"].shape == (8, 8, 10)
+    acc = tags(str(tmp_path / "run"))
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ["pretrain/elbo", "pretrain/nll", "pretrain/kl", "pretrain/lr", "pretrain/val_elbo", "som_init/loss",
+                "som_init/lr", "train/loss", "train/elbo", "train/cah", "train/som", "train/val_loss", "eval/nmi",
+                "eval/purity", "eval/ami"]:
+        assert tag in scalars, tag
+    assert [e.step for e in acc.Scalars("pretrain/elbo")] == [3, 6]
+    assert [e.step for e in acc.Scalars("som_init/loss")] == [9, 12, 15, 18]
+    lrs = [e.value for e in acc.Scalars("som_init/lr")]
+    assert lrs[:2] == pytest.approx([0.9, 0.9]) and lrs[2:] == pytest.approx([0.1, 0.1])
+    assert acc.Scalars("eval/nmi")[-1].value == pytest.approx(r.result["nmi"], rel=1e-6)
+
+
+def test_som_init_changes_only_the_prototypes(tmp_path, data_dir):
+    run(tmp_path, data_dir, num_epochs=0, som_learning_rates=[], logdir=str(tmp_path / "a"))
+    before = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    torch.manual_seed(0)
+    run(tmp_path, data_dir, num_epochs=0, som_learning_rates=[0.5], logdir=str(tmp_path / "b"))
+    after = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    for name in before:
+        same = torch.equal(before[name], after[name])
+        if name == "embeddings":
+            assert not same
+        elif "running" in name or "num_batches" in name:
+            continue                                             # BN statistics follow the forward passes
+        else:
+            assert same, name
+
+
+def test_save_and_use_saved_pretrain(tmp_path, data_dir):
+    run(tmp_path, data_dir, save_pretrain=True, num_epochs=0, logdir=str(tmp_path / "a"))
+    saved = torch.load(tmp_path / "pre.pt", weights_only=False)
+    assert saved["phase"] == "som_init" and saved["global_step"] == 6 * 3
+    r = run(tmp_path, data_dir, use_saved_pretrain=True, num_epochs=1, logdir=str(tmp_path / "b"))
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ckpt["global_step"] == 6 * 3 + 6                      # continued the global step
+    assert "pretrain/elbo" not in tags(str(tmp_path / "b")).Tags()["scalars"]
+    assert set(r.result) == {"nmi", "purity", "ami"}
+
+
+@pytest.mark.parametrize("key,value", [("data_set", "CIFAR"), ("som_dim", [8]), ("som_dim", [0, 8]),
+                                       ("batch_size", 5000), ("beta", -1.0), ("gamma", -2), ("alpha", 0.0),
+                                       ("prior_var", 0), ("dropout", 1.0), ("adam", "sgd")])
+def test_bad_config_fails_before_training(tmp_path, data_dir, key, value):
+    with pytest.raises(ValueError, match=f"config {key}="):
+        run(tmp_path, data_dir, **{key: value})
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
+    calls = {"n": 0}
+    real = dpsom.phase_loss
+
+    def poisoned(model, phase, x, p):
+        total, parts = real(model, phase, x, p)
+        if phase == "train" and model.training:
+            calls["n"] += 1
+            if calls["n"] == 8:                                  # second joint epoch, second step
+                parts = {**parts, "som": parts["som"] * float("nan")}
+                total = total + parts["som"]
+        return total, parts
+
+    monkeypatch.setattr(dpsom, "phase_loss", poisoned)
+    with pytest.raises(dpsom.NonFiniteLoss, match=r"phase train, epoch 1, global step 26 \(terms: som\)"):
+        run(tmp_path, data_dir, log_every=100)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["phase"] == "train" and ckpt["epoch"] == 0 and ckpt["global_step"] == 24
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_command_line(tmp_path, data_dir):
+    out = subprocess.run([sys.executable, "dpsom.py", "print_config", "with", "quick", "conv"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "max_train_samples = 15000" in out.stdout and "convolution = True" in out.stdout
+    args = [f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in TINY.items()]
+    out = subprocess.run([sys.executable, "dpsom.py", "-F", str(tmp_path / "sacred"), "with", *args,
+                          f"data_dir={data_dir}", f"logdir={tmp_path / 'cli'}", "num_epochs=1", "som_learning_rates=[0.5]"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nmi:" in out.stdout and "purity:" in out.stdout
+    assert os.path.exists(tmp_path / "sacred" / "1" / "metrics.json")
