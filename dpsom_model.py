@@ -4,8 +4,9 @@ Manduchi et al., "DPSOM: Deep Probabilistic Clustering with Self-Organizing Maps
 and T-DPSOM (ACM CHIL 2021). Reference: TensorFlow code in ratschlab/dpsom, folder dpsom/.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -177,8 +178,9 @@ class DPSOM(nn.Module):
         if self.convolution:
             h = h.view(-1, 7, 7, 256).permute(0, 3, 1, 2)            # TF's NHWC reshape, then NCHW
         logits = self.decoder(h).flatten(1)                            # (B, 784)
-        # tf_original: the reference's last dense layer had activation=leaky_relu on its logits.
-        return F.leaky_relu(logits, LEAKY_SLOPE) if self.leaky_logits else logits
+        # tf_original: the reference's last dense layer had activation=leaky_relu on its logits; its conv
+        # decoder ends in a linear Conv2D, so the switch only concerns the dense decoder.
+        return F.leaky_relu(logits, LEAKY_SLOPE) if self.leaky_logits and not self.convolution else logits
 
     # ---- SOM ------------------------------------------------------------------------------------
     def distances(self, z: torch.Tensor) -> torch.Tensor:
@@ -261,3 +263,79 @@ class DPSOM(nn.Module):
         som = self.som_loss(out.z, out.q)
         total = self.theta * elbo + self.gamma * cah + self.beta * som
         return total, {"loss": total, "elbo": elbo, "nll": nll, "kl": kl, "cah": cah, "som": som}
+
+
+# ---- weights of the TensorFlow original -----------------------------------------------------------
+# Keras names each layer after its class with a counter over the whole graph (dense, dense_1, ...).
+KERAS_LAYER_NAMES = {nn.Linear: "dense", nn.Conv2d: "conv2d", nn.ConvTranspose2d: "conv2d_transpose",
+                     FrozenBatchNorm: "batch_normalization"}
+
+
+def tf_variables(model: DPSOM) -> dict[str, torch.Tensor]:
+    """TF variable name of the reference (e.g. "z_e/encoder/dense_3/kernel:0") -> the model's tensor.
+
+    Names follow the reference's layer creation order: encoder, posterior head, decoder. The tensors are
+    the model's own parameters and buffers, in PyTorch layout (see to_tf_layout).
+    """
+    variables = {"embeddings/embeddings:0": model.embeddings}
+    counts: dict[str, int] = {}
+    for scope, parts in (("z_e/encoder", (model.encoder, model.head)),
+                         ("reconstruction_e/decoder", (model.decoder_in, model.decoder))):
+        for m in (m for part in parts for m in part.modules()):
+            kind = KERAS_LAYER_NAMES.get(type(m))
+            if kind is None:
+                continue
+            n = counts.get(kind, 0)
+            counts[kind] = n + 1
+            layer = f"{scope}/{kind}" + (f"_{n}" if n else "")
+            if kind == "batch_normalization":
+                fields = {"gamma": m.weight, "beta": m.bias, "moving_mean": m.running_mean,
+                          "moving_variance": m.running_var}
+            else:
+                fields = {"kernel": m.weight, "bias": m.bias}
+            variables.update({f"{layer}/{field}:0": t for field, t in fields.items()})
+    return variables
+
+
+def to_tf_layout(t: torch.Tensor) -> torch.Tensor:
+    """PyTorch layout -> TF layout: Linear (out, in) -> Dense (in, out); Conv2d (out, in, kh, kw) ->
+    Conv2D (kh, kw, in, out); ConvTranspose2d (in, out, kh, kw) -> Conv2DTranspose (kh, kw, out, in).
+
+    Both conv kinds use the same permutation and no kernel flip. Other tensors are unchanged.
+    """
+    return t.T if t.dim() == 2 else t.permute(2, 3, 1, 0) if t.dim() == 4 else t
+
+
+def from_tf_layout(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_tf_layout."""
+    return t.T if t.dim() == 2 else t.permute(3, 2, 0, 1) if t.dim() == 4 else t
+
+
+def load_tf_arrays(model: DPSOM, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy the reference's variables (TF name -> array in TF layout) into a model in tf_original mode.
+
+    Every variable of tf_variables(model) must be given with its TF shape, and nothing else; the model is
+    left untouched when anything is missing, unexpected or of the wrong shape.
+    """
+    switches = []
+    if model.posterior != "tril":
+        switches.append("posterior='tril'")
+    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+        switches.append("batchnorm='frozen'")
+    if any(isinstance(m, nn.Dropout) for m in model.modules()):
+        switches.append("dropout=0")
+    if not model.convolution and not model.leaky_logits:
+        switches.append("leaky_logits=True")
+    if switches:
+        raise ValueError(f"TF weights need a model in tf_original mode; build it with {', '.join(switches)}")
+    targets = tf_variables(model)
+    missing, unexpected = sorted(targets.keys() - arrays.keys()), sorted(arrays.keys() - targets.keys())
+    if missing or unexpected:
+        raise KeyError(f"TF variables missing: {missing or 'none'}; not in this model: {unexpected or 'none'}")
+    for name, t in targets.items():
+        want, got = tuple(to_tf_layout(t).shape), tuple(np.shape(arrays[name]))
+        if got != want:
+            raise ValueError(f"TF variable {name} has shape {got}, this model expects {want}")
+    with torch.no_grad():
+        for name, t in targets.items():
+            t.copy_(from_tf_layout(torch.as_tensor(np.asarray(arrays[name]))))
