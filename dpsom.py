@@ -10,10 +10,13 @@ Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototy
 import functools
 import gzip
 import hashlib
+import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import urllib.request
 from datetime import datetime
 
@@ -22,13 +25,17 @@ import torch
 from sacred import Experiment
 from sacred.utils import apply_backspaces_and_linefeeds
 from sklearn.model_selection import train_test_split
+from google.protobuf import text_format
+from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
 from decay_scheduler import decayed_lr, set_lr
 from dpsom_model import DPSOM
 from tf1_adam import TF1Adam
-from utils import clustering_metrics
+from utils import (clustering_metrics, heatmap, image_grid, label_map, map_usage, node_statistics,
+                   quantization_error, reconstruction_errors, topographic_error, u_matrix)
 
 ex = Experiment("dpsom")
 ex.captured_out_filter = apply_backspaces_and_linefeeds
@@ -75,7 +82,10 @@ def config():
     logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}")  # run folder
     save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
     use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
+    resume = None                    # checkpoint file or run folder to continue (same config otherwise)
+    deterministic = False            # deterministic algorithms only (slower on GPU; CPU runs are already repeatable)
     pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{'x'.join(map(str, som_dim))}.pt")
+    checkpoint = None                # the evaluate command: checkpoint file or run folder to evaluate
 
 
 @ex.named_config
@@ -371,11 +381,44 @@ def encode_all(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> 
     return torch.cat(zs), torch.cat(qs)
 
 
-def evaluate(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int, sample: bool) -> dict:
-    """Cluster = BMU of each sample; NMI, purity and AMI over every sample of the set."""
-    _, q = encode_all(model, x, batch_size, sample)
-    clusters = q.argmax(1).cpu().numpy()   # argmax q == argmin distance: q is monotone in the distance
-    return clustering_metrics(clusters, y)
+EVAL_NOISE_SEED = 2020   # eval_sample's one posterior sample uses this fixed seed, so `evaluate` reproduces a run
+
+
+@torch.no_grad()
+def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: bool = True) -> dict:
+    """Per sample of a set, batched, in eval mode: latent code z (N, D), squared distances dist (N, H*W) and,
+    with `decode`, the reconstruction errors nll and mse (N,).
+
+    z is the posterior mean, or with `sample` one posterior sample whose noise comes from a generator seeded
+    with EVAL_NOISE_SEED: repeatable, and the global RNG stream (training's) is left alone.
+    """
+    was_training = model.training
+    model.eval()
+    noise = torch.Generator(x.device).manual_seed(EVAL_NOISE_SEED)
+    batches = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        eps = torch.randn(len(xb), model.latent_dim, generator=noise, device=x.device) if sample else None
+        out = model(xb, eps=eps, sample=sample, decode=decode)
+        batches.append({"z": out.z, "dist": out.dist})
+        if decode:
+            batches[-1]["nll"], batches[-1]["mse"] = reconstruction_errors(xb, out.logits)
+    model.train(was_training)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int,
+                   sample: bool) -> tuple[dict, np.ndarray]:
+    """Every evaluation number over every sample of the set, and the BMU of each sample (its cluster)."""
+    out = infer(model, x, batch_size, sample)
+    dist = out["dist"]                                                 # (N, H*W)
+    bmu = dist.argmin(1).cpu().numpy()
+    metrics = {**clustering_metrics(bmu, y, dist.shape[1]),
+               "nll": float(out["nll"].mean()), "mse": float(out["mse"].mean()),
+               "quantization_error": quantization_error(dist),
+               "topographic_error": topographic_error(dist, model.neighbours, model.neighbour_mask),
+               **map_usage(bmu, dist.shape[1])}
+    return metrics, bmu
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -395,18 +438,65 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f.name, path)
 
 
-def checkpoint_state(model, opt, c, global_step, plan_index, phase, epoch) -> dict:
+def checkpoint_state(model, opt, c, global_step, plan_index, batch, phase, epoch, targets=None) -> dict:
+    """A plain dict; training continues at batch `batch` of epoch `plan_index` of epoch_plan(config).
+
+    `targets` (P of the train split and of the monitoring batch) is stored only mid-epoch, where it
+    cannot be recomputed from the weights.
+    """
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": global_step,
-            "plan_index": plan_index, "phase": phase, "epoch": epoch, "config": c,
+            "plan_index": plan_index, "batch": batch, "phase": phase, "epoch": epoch, "config": c,
+            "targets": targets,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
 
-class Logger:
-    """One place that writes scalars to TensorBoard and to Sacred under `<phase>/<name>`."""
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    """Load `path` (a checkpoint file or the run folder holding checkpoint.pt); on failure fall back to
+    the previous checkpoint kept beside it, saying which file failed and why."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    failures = []
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            failures.append(f"{candidate}: does not exist")
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=False)
+            if not isinstance(state, dict) or not {"model", "optimizer", "config", "plan_index"} <= set(state):
+                raise ValueError("not a DPSOM checkpoint")
+        except Exception as e:   # truncated zip, unpickling error, wrong content
+            failures.append(f"{candidate}: {type(e).__name__}: {e}")
+            print(f"cannot load checkpoint {candidate} ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if failures:
+            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
+        state["path"] = candidate
+        return state
+    raise FileNotFoundError("no usable checkpoint: " + "; ".join(failures))
 
-    def __init__(self, logdir: str, run):
-        self.writer, self.run = SummaryWriter(logdir), run
+
+# Keys that may differ between a checkpoint's run and the run that resumes it.
+RESUMABLE_CHANGES = {"resume", "logdir", "device", "data_dir", "log_every", "num_epochs", "val_epochs", "seed",
+                     "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
+
+
+def check_resumable(c: dict, saved: dict) -> None:
+    """Refuse a checkpoint written under another config, naming every key that differs."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {c[k]!r}" for k in sorted(c)
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+    if diff:
+        raise ValueError("config resume: the checkpoint was written with another config ("
+                         + "; ".join(diff) + "). Run again with the checkpoint's values.")
+
+
+class Logger:
+    """One place that writes to TensorBoard (scalars, pictures, embeddings, hparams), and scalars to Sacred,
+    under `<phase>/<name>`."""
+
+    def __init__(self, logdir: str, run, purge_step: int | None = None):
+        # purge_step: a resumed run hides what the interrupted one logged after its checkpoint
+        self.writer, self.run = SummaryWriter(logdir, purge_step=purge_step), run
 
     def scalars(self, prefix: str, values: dict, step: int) -> None:
         for name, value in values.items():
@@ -415,8 +505,98 @@ class Logger:
             if self.run is not None:
                 self.run.log_scalar(f"{prefix}/{name}", value, step)
 
+    def image(self, tag: str, picture, step: int) -> None:
+        """A (channels, H, W) picture with values in [0, 1]."""
+        self.writer.add_image(tag, picture, step)
 
-def train(c: dict, data: dict, device: torch.device, logdir: str, run) -> dict:
+    def embedding(self, tag: str, codes: torch.Tensor, labels: np.ndarray, nodes: np.ndarray, images: torch.Tensor,
+                  step: int) -> None:
+        """Latent codes (N, D) in the projector with each one's label and BMU node, images (N, 1, h, w) as sprites."""
+        config = os.path.join(self.writer.get_logdir(), "projector_config.pbtxt")
+        if not hasattr(self.writer, "_projector_config") and os.path.exists(config):
+            # add_embedding rewrites the file from this writer's entries: keep those of the run before a resume
+            with open(config) as f:
+                self.writer._projector_config = text_format.Parse(f.read(), ProjectorConfig())
+        self.writer.add_embedding(codes, metadata=[[int(a), int(b)] for a, b in zip(labels, nodes)],
+                                  metadata_header=["label", "node"], label_img=images, global_step=step, tag=tag)
+
+    def hparams(self, config: dict, metrics: dict) -> None:
+        """The config (paths left out, som_dim split into som_dim_h, som_dim_w) with the eval/... metrics in the
+        HParams tab. Written into this run's folder; SummaryWriter.add_hparams would make a sub-run."""
+        paths = ("data_dir", "logdir", "pretrain_path", "resume", "checkpoint")
+        values = {k: v for k, v in config.items() if k not in paths}
+        values["som_dim_h"], values["som_dim_w"] = values.pop("som_dim")
+        values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}  # lists, None
+        for summary in hparams_summaries(values, {f"eval/{k}": v for k, v in metrics.items()}):
+            self.writer.file_writer.add_summary(summary)   # the values are the eval/... scalars of this run
+
+
+PICTURE_EPOCHS = 10       # joint epochs between pictures (and at the end of every phase)
+PROJECTOR_SAMPLES = 3000  # first samples of the evaluation set shown in the embedding projector
+PAIR_ROWS, PAIR_COLS = 4, 8
+
+
+@torch.no_grad()
+def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray, c: dict, phase: str, step: int,
+                 projector: bool) -> None:
+    """The map as TensorBoard pictures under `<phase>/...`, from one encoder pass over the evaluation set (x, y)
+    with the evaluation's z.
+
+    decoded_som: every prototype decoded, laid out as the H x W grid; reconstructions: rows of inputs of the
+    set's first samples, each above its reconstruction (posterior mean); hit_map, majority_label (faded as the
+    node's purity falls), node_purity, u_matrix: one cell per node; with `projector`, the latent codes of the
+    first PROJECTOR_SAMPLES samples in the embedding projector.
+    """
+    out = infer(model, x, c["batch_size"], c["eval_sample"], decode=False)
+    bmu = out["dist"].argmin(1).cpu().numpy()
+    H, W = model.som_dim
+    E = model.embeddings.view(H * W, -1)                                      # (H*W, D)
+    was_training = model.training
+    model.eval()
+    log.image(f"{phase}/decoded_som", image_grid(torch.sigmoid(model.decode(E)).view(-1, 28, 28), H, W), step)
+    cols = min(PAIR_COLS, len(x))
+    rows = min(PAIR_ROWS, len(x) // cols)
+    inputs = x[:rows * cols]                                                  # (rows*cols, 784)
+    recon = torch.sigmoid(model.decode(model.encode(inputs)[0]))
+    pairs = torch.stack([inputs.view(rows, cols, 784), recon.view(rows, cols, 784)], 1)   # (rows, 2, cols, 784)
+    log.image(f"{phase}/reconstructions", image_grid(pairs.view(-1, 28, 28), 2 * rows, cols), step)
+    model.train(was_training)
+    hits, majority, purity = node_statistics(bmu, y, H * W)
+    log.image(f"{phase}/hit_map", heatmap(hits.reshape(H, W), lo=0), step)
+    log.image(f"{phase}/majority_label", label_map(majority.reshape(H, W), purity.reshape(H, W)), step)
+    log.image(f"{phase}/node_purity", heatmap(np.where(hits > 0, purity, np.nan).reshape(H, W), lo=0, hi=1), step)
+    u = u_matrix(E, model.neighbours, model.neighbour_mask)                  # (H*W,)
+    log.image(f"{phase}/u_matrix", heatmap(u.view(H, W).cpu().numpy()), step)
+    if projector:
+        n = min(PROJECTOR_SAMPLES, len(x))
+        log.embedding(phase, out["z"][:n].cpu(), y[:n], bmu[:n], x[:n].view(-1, 1, 28, 28).cpu(), step)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after writing a checkpoint; Sacred records the run as INTERRUPTED."""
+    STATUS = "INTERRUPTED"
+
+
+def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None) -> dict:
     """All three phases with one optimiser and one global step; returns the final metrics."""
     model = build_model(c).to(device)
     opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
@@ -425,66 +605,125 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run) -> dict:
     B = c["batch_size"]
     steps_per_epoch = len(x_train) // B
     plan = epoch_plan(c)
-    global_step, start = 0, 0
-    if c["use_saved_pretrain"]:
-        state = torch.load(c["pretrain_path"], map_location=device, weights_only=False)
+    global_step, start, first_batch, targets = 0, 0, 0, None
+    state = resume or (load_checkpoint(c["pretrain_path"], device) if c["use_saved_pretrain"] else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        global_step = state["global_step"]
-        start = c["epochs_pretrain"] + len(c["som_learning_rates"]) * c["som_epochs"]
-    log = Logger(logdir, run)
+        global_step, start, first_batch = state["global_step"], state["plan_index"], state["batch"]
+    if resume is None and c["use_saved_pretrain"]:                     # joint training of this plan
+        start, first_batch = c["epochs_pretrain"] + len(c["som_learning_rates"]) * c["som_epochs"], 0
+    if resume is not None:                                             # continue exactly where it stopped
+        targets = resume["targets"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        if resume["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    log = Logger(logdir, run, purge_step=global_step + 1 if resume else None)
     ckpt_path = os.path.join(logdir, "checkpoint.pt")
     x_mon = x_eval[:B]                                                 # fixed monitoring batch
     bar, bar_phase, metrics = None, None, {}
     model.train()
-    for index in range(start, len(plan)):
-        phase, base_lr = plan[index]
-        epoch = [ph for ph, _ in plan[:index]].count(phase)            # epoch within its phase
-        if phase != bar_phase:
-            if bar is not None:
-                bar.close()
-            bar_phase, bar = phase, tqdm(total=[ph for ph, _ in plan].count(phase) * steps_per_epoch, initial=epoch * steps_per_epoch,
-                       desc=phase, disable=None, file=sys.stderr)
-        p_train = p_mon = None
-        if phase == "train":   # DEC target over the whole train split and the monitoring set, once an epoch
-            p_train = DPSOM.target_distribution(encode_all(model, x_train, B, c["eval_sample"])[1])
-            p_mon = DPSOM.target_distribution(encode_all(model, x_eval, B, c["eval_sample"])[1])[:B]
-        stats = StepStats()
-        for b in range(steps_per_epoch):
-            x = x_train[b * B:(b + 1) * B]
-            p = None if p_train is None else p_train[b * B:(b + 1) * B]
-            lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
-            global_step += 1
-            stats.add(train_step(model, opt, phase, x, p, lr), global_step)
-            bar.update(1)
-            if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1:
-                stats.check(phase, epoch)
-                means = stats.pop_means()
-                log.scalars(phase, {**means, "lr": lr, **monitor(model, phase, x_mon, p_mon)}, global_step)
-                bar.set_postfix(loss=f"{next(iter(means.values())):.4g}", refresh=False)
-        save_checkpoint(ckpt_path, checkpoint_state(model, opt, c, global_step, index, phase, epoch))
-        last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
-        if phase == "som_init" and last_of_phase and c["save_pretrain"]:
-            save_checkpoint(c["pretrain_path"], checkpoint_state(model, opt, c, global_step, index, phase, epoch))
-        if phase == "train" and (last_of_phase or (c["val_epochs"] and (epoch + 1) % 10 == 0)):
-            metrics = evaluate(model, x_eval, data["y_eval"], B, c["eval_sample"])
-            log.scalars("eval", metrics, global_step)
+    with StopRequest() as stop:
+        for index in range(start, len(plan)):
+            phase, base_lr = plan[index]
+            epoch = [ph for ph, _ in plan[:index]].count(phase)        # epoch within its phase
+            b0 = first_batch if index == start else 0
+            if phase != bar_phase:
+                if bar is not None:
+                    bar.close()
+                bar_phase, bar = phase, tqdm(total=[ph for ph, _ in plan].count(phase) * steps_per_epoch,
+                                             initial=epoch * steps_per_epoch + b0, desc=phase, disable=None)
+            if phase == "train" and (targets is None or b0 == 0):
+                # DEC target over the whole train split and the monitoring set, once an epoch
+                targets = (DPSOM.target_distribution(encode_all(model, x_train, B, c["eval_sample"])[1]),
+                           DPSOM.target_distribution(encode_all(model, x_eval, B, c["eval_sample"])[1])[:B])
+            p_train, p_mon = targets if phase == "train" else (None, None)
+            stats = StepStats()
+            for b in range(b0, steps_per_epoch):
+                p = None if p_train is None else p_train[b * B:(b + 1) * B]
+                lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
+                global_step += 1
+                stats.add(train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), global_step)
+                bar.update(1)
+                if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1 or stop.signum:
+                    stats.check(phase, epoch)
+                    means = stats.pop_means()
+                    log.scalars(phase, {**means, "lr": lr, **monitor(model, phase, x_mon, p_mon)}, global_step)
+                    bar.set_postfix(loss=f"{next(iter(means.values())):.4g}", refresh=False)
+                if stop.signum:
+                    save_checkpoint(ckpt_path, checkpoint_state(model, opt, c, global_step, index, b + 1, phase,
+                                                                epoch, targets if phase == "train" else None))
+                    log.writer.close()
+                    raise Interrupted(f"stopped by signal {signal.Signals(stop.signum).name} in phase {phase}, "
+                                      f"epoch {epoch}, global step {global_step}; checkpoint {ckpt_path}. "
+                                      f"Continue with: python dpsom.py with <same settings> resume={logdir}")
+            last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
+            if phase == "train" and (last_of_phase or (c["val_epochs"] and (epoch + 1) % 10 == 0)):
+                metrics = evaluate_model(model, x_eval, data["y_eval"], B, c["eval_sample"])[0]
+                log.scalars("eval", metrics, global_step)
+            if last_of_phase or (phase == "train" and (epoch + 1) % PICTURE_EPOCHS == 0):
+                log_pictures(log, model, x_eval, data["y_eval"], c, phase, global_step, projector=last_of_phase)
+            state = checkpoint_state(model, opt, c, global_step, index + 1, 0, phase, epoch)
+            save_checkpoint(ckpt_path, state)
+            if phase == "som_init" and last_of_phase and c["save_pretrain"]:
+                save_checkpoint(c["pretrain_path"], state)
     if bar is not None:
         bar.close()
-    if not metrics:   # no joint epochs: evaluate what the earlier phases produced
-        metrics = evaluate(model, x_eval, data["y_eval"], B, c["eval_sample"])
+    if not metrics:   # no joint epochs left to run: evaluate what the weights give
+        metrics = evaluate_model(model, x_eval, data["y_eval"], B, c["eval_sample"])[0]
         log.scalars("eval", metrics, global_step)
+    log.hparams(c, metrics)
     log.writer.close()
     return metrics
 
 
 @torch.no_grad()
 def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> dict:
-    """The phase's loss on a fixed batch of the evaluation set, in eval mode."""
+    """The phase's loss on a fixed batch of the evaluation set, in eval mode.
+
+    Its noise comes from a forked RNG, so monitoring leaves training's random stream (and resume) untouched.
+    """
     model.eval()
-    _, parts = phase_loss(model, phase, x, p)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        _, parts = phase_loss(model, phase, x, p)
     model.train()
     return {f"val_{k}": v for k, v in parts.items()}
+
+
+@ex.command
+def evaluate(_config: dict) -> dict:
+    """Evaluate a saved model without training: python dpsom.py evaluate with checkpoint=PATH [data_dir=...].
+
+    The model and the evaluation settings (data set, validation or test set, max_eval_samples, eval_sample,
+    batch size) are the checkpoint's own, so the numbers are its run's; data_dir and device are this command's.
+    Prints every number and writes evaluation_<set>.json (the numbers) and evaluation_<set>.npz (per-sample
+    bmu and label) into the checkpoint's run folder.
+    """
+    if _config["checkpoint"] is None:
+        raise ValueError("config checkpoint=None: give the checkpoint file or run folder to evaluate")
+    device = pick_device(_config["device"])
+    try:
+        state = load_checkpoint(_config["checkpoint"], device)
+    except FileNotFoundError as e:
+        raise ValueError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+    c = {**_config, **state["config"]}   # keys the checkpoint predates keep this command's defaults
+    model = build_model(c).to(device)
+    model.load_state_dict(state["model"])
+    data = load_data(c["data_set"], _config["data_dir"], c["validation"], max_eval_samples=c["max_eval_samples"])
+    x = torch.as_tensor(data["x_eval"], device=device)
+    metrics, bmu = evaluate_model(model, x, data["y_eval"], c["batch_size"], c["eval_sample"])
+    split = "validation" if c["validation"] else "test"
+    print(f"{state['path']}: phase {state['phase']}, global step {state['global_step']}, "
+          f"{len(x)} {c['data_set']} {split} images")
+    for name, value in metrics.items():
+        print(f"  {name:<20}{value:>10.4f}" if isinstance(value, float) else f"  {name:<20}{value:>10}")
+    stem = os.path.join(os.path.dirname(os.path.abspath(state["path"])), f"evaluation_{split}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"checkpoint": os.path.abspath(state["path"]), "global_step": state["global_step"], "set": split,
+                   "samples": len(x), "metrics": metrics}, f, indent=2)
+    np.savez(stem + ".npz", bmu=bmu, label=data["y_eval"])
+    print(f"wrote {stem}.json and {stem}.npz")
+    return metrics
 
 
 @ex.main
@@ -492,13 +731,28 @@ def main(_config: dict, _run, _seed: int) -> dict:
     c = dict(_config)
     check_config(c)
     device = pick_device(c["device"])
+    if c["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    resume = None
+    if c["resume"] is not None:
+        if c["more_runs"]:
+            raise ValueError("config resume: cannot be combined with more_runs")
+        try:
+            resume = load_checkpoint(c["resume"], device)
+        except FileNotFoundError as e:
+            raise ValueError(f"config resume={c['resume']!r}: {e}") from None
+        check_resumable(c, resume["config"])
+        c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))   # the run continues in its own folder
+        print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     data = load_data(c["data_set"], c["data_dir"], c["validation"], c["max_train_samples"], c["max_eval_samples"])
     check_config(c, n_train=len(data["x_train"]))
     print(f"DPSOM on {c['data_set']} ({c['arch']}), {len(data['x_train'])} training images, "
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} images, device {device}, "
           f"logdir {c['logdir']}")
     if not c["more_runs"]:
-        result = train(c, data, device, c["logdir"], _run)
+        result = train(c, data, device, c["logdir"], _run, resume)
     else:
         runs = []
         for i in range(c["n_runs"]):
@@ -512,4 +766,8 @@ def main(_config: dict, _run, _seed: int) -> dict:
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    try:
+        ex.run_commandline()
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)

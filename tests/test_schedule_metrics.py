@@ -69,7 +69,7 @@ def test_nmi_ami_by_hand_and_against_sklearn():
     c, y = rng.integers(0, 64, 3000), rng.integers(0, 10, 3000)
     assert nmi(c, y) == pytest.approx(normalized_mutual_info_score(y, c, average_method="geometric"))
     assert ami(c, y) == pytest.approx(adjusted_mutual_info_score(y, c))
-    assert set(clustering_metrics(c, y)) == {"nmi", "purity", "ami"}
+    assert set(clustering_metrics(c, y)) == {"nmi", "purity", "ami", "ari"}
 
 
 def test_purity_rejects_bad_input():

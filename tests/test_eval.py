@@ -1,0 +1,193 @@
+"""Evaluation numbers on hand-made cases, the TensorBoard pictures of a tiny run and the `evaluate` command."""
+import glob
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+import dpsom
+from dpsom_model import DPSOM, grid_neighbours
+from test_end_to_end import METRICS, TINY
+from utils import (PALETTE, cluster_accuracy, clustering_metrics, heatmap, image_grid, label_map, map_usage,
+                   node_statistics, quantization_error, reconstruction_errors, topographic_error, u_matrix)
+
+PHASES = ["pretrain", "som_init", "train"]
+PICTURES = ["decoded_som", "reconstructions", "hit_map", "majority_label", "node_purity", "u_matrix"]
+
+
+# ---- numbers --------------------------------------------------------------------------------------
+def test_clustering_perfect_and_one_cluster():
+    labels = [3, 3, 1, 1, 7, 7]
+    perfect = clustering_metrics([2, 2, 0, 0, 1, 1], labels, n_clusters=3)    # relabelled
+    assert perfect == pytest.approx({k: 1.0 for k in ["nmi", "purity", "ami", "ari", "accuracy"]})
+    one = clustering_metrics([5] * 6, labels, n_clusters=1)
+    assert one == pytest.approx({"nmi": 0.0, "purity": 1 / 3, "ami": 0.0, "ari": 0.0})   # no accuracy: 1 != 3
+    assert "accuracy" not in clustering_metrics([0, 1, 2, 3, 4, 5], labels, n_clusters=64)
+
+
+def test_hungarian_accuracy_by_hand_and_brute_force():
+    # greedy majority gives purity 3/4; one-to-one, cluster 1 can only take label 1: 2/4
+    assert cluster_accuracy([0, 0, 0, 1], [0, 0, 1, 0]) == pytest.approx(0.5)
+    assert cluster_accuracy([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 0, 1]) == pytest.approx(5 / 6)
+    rng = np.random.default_rng(0)
+    c, y = rng.integers(0, 5, 400), rng.integers(0, 5, 400)
+    table = contingency_matrix(y, c)                                           # (classes, clusters)
+    best = max(sum(table[i, j] for i, j in enumerate(perm)) for perm in itertools.permutations(range(5)))
+    assert cluster_accuracy(c, y) == pytest.approx(best / 400)
+    m = clustering_metrics(c, y, n_clusters=5)
+    assert m["ari"] == pytest.approx(adjusted_rand_score(y, c))
+    assert m["nmi"] == pytest.approx(normalized_mutual_info_score(y, c, average_method="geometric"))
+    assert m["ami"] == pytest.approx(adjusted_mutual_info_score(y, c))
+
+
+def test_reconstruction_errors_by_hand():
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.5]])
+    logits = torch.tensor([[0.0, 0.0, math.log(3.0), 0.0]])                   # sigmoid: 1/2, 1/2, 3/4, 1/2
+    nll, mse = reconstruction_errors(x, logits)
+    assert nll.item() == pytest.approx(3 * math.log(2) + math.log(4 / 3))
+    assert mse.item() == pytest.approx((0.25 + 0.25 + 0.0625 + 0) / 4)
+
+
+def test_quantization_error_by_hand():
+    dist = torch.tensor([[4.0, 9.0, 16.0], [1.0, 0.25, 4.0]])                 # squared distances
+    assert quantization_error(dist) == pytest.approx((2.0 + 0.5) / 2)
+
+
+@pytest.mark.parametrize("toroidal,expected", [(True, 1 / 4), (False, 3 / 4)])
+def test_topographic_error_toroidal_and_planar(toroidal, expected):
+    # 4x4 map, (first BMU, second BMU): (0,0)-(0,3) wraps a row, (0,1)-(3,1) wraps a column,
+    # (0,0)-(1,0) are neighbours on both, (0,0)-(1,1) are diagonal: neighbours on neither
+    pairs = [(0, 3), (1, 13), (0, 4), (0, 5)]
+    dist = torch.full((len(pairs), 16), 10.0)
+    for i, (first, second) in enumerate(pairs):
+        dist[i, first], dist[i, second] = 0.0, 1.0
+    assert topographic_error(dist, *grid_neighbours((4, 4), toroidal)) == pytest.approx(expected)
+
+
+def test_u_matrix_by_hand():
+    line = torch.tensor([[0.0], [1.0], [3.0]])                                 # a planar 1x3 map in 1-D
+    assert u_matrix(line, *grid_neighbours((1, 3), False)).tolist() == pytest.approx([1.0, 1.5, 2.0])
+    r, c = torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij")
+    grid = torch.stack([r, c], -1).view(9, 2)                                  # prototypes at their grid positions
+    u = u_matrix(grid, *grid_neighbours((3, 3), True)).view(3, 3)             # wrapping neighbours are 2 away
+    assert u[1, 1].item() == pytest.approx(1.0) and u[0, 0].item() == pytest.approx(1.5)
+    assert u[0, 1].item() == pytest.approx(1.25)
+
+
+def test_map_usage_and_node_statistics_by_hand():
+    assert map_usage([0, 0, 1, 1], 4) == {"nodes_used": 2, "occupancy_entropy": pytest.approx(1.0)}
+    assert map_usage([3, 3, 3], 4) == {"nodes_used": 1, "occupancy_entropy": 0.0}
+    assert map_usage(np.arange(64), 64)["occupancy_entropy"] == pytest.approx(6.0)
+    hits, majority, purity = node_statistics([0, 0, 0, 2], [5, 5, 3, 7], 3)
+    assert hits.tolist() == [3, 0, 1] and majority.tolist() == [5, -1, 7]
+    assert purity.tolist() == pytest.approx([2 / 3, 0.0, 1.0])
+
+
+def test_evaluation_sample_is_repeatable_and_leaves_the_global_rng():
+    torch.manual_seed(0)
+    model = DPSOM(latent_dim=4, som_dim=(2, 5))                                # 10 nodes, 10 classes: accuracy
+    x, y = torch.rand(40, 784), np.arange(40) % 10
+    state = torch.get_rng_state()
+    first, bmu = dpsom.evaluate_model(model, x, y, 16, sample=True)
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert dpsom.evaluate_model(model, x, y, 16, sample=True)[0] == first
+    assert set(first) == METRICS | {"accuracy"} and bmu.shape == (40,)
+    encoded = dpsom.infer(model, x, 16, sample=True, decode=False)            # the pictures' pass: same codes
+    assert set(encoded) == {"z", "dist"} and np.array_equal(encoded["dist"].argmin(1).numpy(), bmu)
+    mean = dpsom.infer(model, x, 16, sample=False)
+    model.eval()
+    assert torch.allclose(mean["z"], model.encode(x)[0]) and not torch.equal(mean["z"], encoded["z"])
+    assert mean["nll"].mean().item() == pytest.approx(model.nll(x, model.decode(mean["z"])).item())
+
+
+# ---- pictures -------------------------------------------------------------------------------------
+def test_picture_builders():
+    images = torch.arange(6.0).view(6, 1, 1).expand(6, 2, 3) / 10             # image k is filled with k/10
+    grid = image_grid(images, 2, 3)
+    assert grid.shape == (1, 2 * 3 + 1, 3 * 4 + 1)
+    assert grid[0, 4:6, 9:12].eq(0.5).all() and grid[0, 0].eq(0.5).all()      # image 5: row 1, col 2
+    picture = heatmap(np.array([[0.0, 1.0], [np.nan, 0.5]]), cell=4)
+    assert picture.shape == (3, 8, 8) and 0 <= picture.min() and picture.max() <= 1
+    assert np.allclose(picture[:, 4:, :4], 0.5) and not np.allclose(picture[:, :4, :4], picture[:, :4, 4:])
+    labels = label_map(np.array([[1, -1]]), np.array([[1.0, 0.0]]), cell=12)
+    assert labels.shape == (3, 12, 24) and np.all(labels[:, :, 12:] == 0)    # unused node black
+    assert np.allclose(labels[:, 0, 0], PALETTE[1])                           # purity 1: the label's colour
+    assert (labels[:, :, :12].sum(0) == 0).sum() == 8 * 2 * 2                 # the glyph "1": 8 pixels of 2x2
+    faded = label_map(np.array([[1]]), np.array([[0.5]]), cell=12)
+    assert np.allclose(faded[:, 0, 0], (1 + PALETTE[1]) / 2)                  # purity 1/2: halfway to white
+
+
+# ---- a tiny run and the evaluate command ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    folder = tmp_path_factory.mktemp("eval")
+    config = {**TINY, "max_train_samples": 300, "som_learning_rates": [0.9], "num_epochs": 1, "log_every": 3,
+              "max_eval_samples": 300, "eval_sample": True, "data_dir": data_dir, "logdir": str(folder / "run"),
+              "pretrain_path": str(folder / "pre.pt")}
+    return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"}), folder / "run"
+
+
+def test_run_logs_every_number_and_picture(tiny_run):
+    r, logdir = tiny_run
+    assert set(r.result) == METRICS
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    for name in METRICS:
+        assert acc.Scalars(f"eval/{name}")[-1].value == pytest.approx(r.result[name], rel=1e-6)
+    images = set(acc.Tags()["images"])
+    assert {f"{phase}/{name}" for phase in PHASES for name in PICTURES} <= images
+    assert [e.step for e in acc.Images("train/u_matrix")] == [9]
+    decoded = acc.Images("som_init/decoded_som")[-1]
+    assert (decoded.width, decoded.height) == (8 * 29 + 1, 8 * 29 + 1)
+    hp = {tag: HParamsPluginData.FromString(content) for tag, content in acc.PluginTagToContent("hparams").items()}
+    start = hp["_hparams_/session_start_info"].session_start_info.hparams
+    assert start["som_dim_h"].number_value == 8 and start["som_dim_w"].number_value == 8
+    assert start["latent_dim"].number_value == 10 and "logdir" not in start and "som_dim" not in start
+    metric_tags = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
+    assert metric_tags == {f"eval/{name}" for name in METRICS}
+    assert glob.glob(str(logdir / "*" / "events.out.tfevents.*")) == []      # no stray hparams sub-run
+    with open(logdir / "projector_config.pbtxt") as f:
+        projector = text_format.Parse(f.read(), ProjectorConfig())
+    assert [e.tensor_name for e in projector.embeddings] == ["pretrain:00003", "som_init:00006", "train:00009"]
+    embedding = projector.embeddings[-1]
+    codes = np.loadtxt(logdir / embedding.tensor_path, delimiter="\t")
+    assert codes.shape == (300, 10)
+    with open(logdir / embedding.metadata_path) as f:
+        assert f.readline().split() == ["label", "node"] and len(f.readlines()) == 300
+    assert os.path.exists(logdir / embedding.sprite.image_path)
+
+
+def test_evaluate_command_reproduces_the_run(tiny_run, data_dir):
+    r, logdir = tiny_run
+    ev = dpsom.ex.run("evaluate", config_updates={"checkpoint": str(logdir), "data_dir": data_dir},
+                      options={"--loglevel": "ERROR"})
+    assert ev.result == r.result                                               # eval_sample: the same seeded noise
+    with open(logdir / "evaluation_validation.json") as f:
+        saved = json.load(f)
+    assert saved["metrics"] == r.result and saved["samples"] == 300 and saved["global_step"] == 9
+    per_sample = np.load(logdir / "evaluation_validation.npz")
+    assert per_sample["bmu"].shape == per_sample["label"].shape == (300,)
+    assert len(np.unique(per_sample["bmu"])) == r.result["nodes_used"]
+    with pytest.raises(ValueError, match="config checkpoint=None"):
+        dpsom.ex.run("evaluate", options={"--loglevel": "ERROR"})
+
+
+def test_projector_keeps_the_embeddings_of_an_earlier_writer(tmp_path):
+    # a resumed run opens a new writer in the same folder; add_embedding alone would drop the earlier entries
+    for step, tag in [(3, "pretrain"), (9, "train")]:
+        log = dpsom.Logger(str(tmp_path), None)
+        log.embedding(tag, torch.randn(4, 2), np.arange(4), np.zeros(4), torch.rand(4, 1, 28, 28), step)
+        log.writer.close()
+    with open(tmp_path / "projector_config.pbtxt") as f:
+        projector = text_format.Parse(f.read(), ProjectorConfig())
+    assert [e.tensor_name for e in projector.embeddings] == ["pretrain:00003", "train:00009"]
