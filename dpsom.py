@@ -7,32 +7,29 @@
 Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototypes learn),
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
 """
-import functools
-import gzip
-import hashlib
 import json
 import math
 import os
 import signal
 import sys
-import tempfile
-import threading
-import urllib.request
+import warnings
 from datetime import datetime
 
 import numpy as np
 import torch
-from sacred import Experiment
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # raised inside Sacred 0.8.7
+from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds
-from sklearn.model_selection import train_test_split
 from google.protobuf import text_format
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
+from checkpoint import Interrupted, StopRequest, check_resumable, checkpoint_state, load_checkpoint, save_checkpoint
 from decay_scheduler import decayed_lr, set_lr
 from dpsom_model import DPSOM
+from mnist_data import DATASETS, load_data
 from tf1_adam import TF1Adam
 from utils import (clustering_metrics, heatmap, image_grid, label_map, map_usage, node_statistics,
                    quantization_error, reconstruction_errors, topographic_error, u_matrix)
@@ -101,7 +98,7 @@ def conv():
 
 @ex.named_config
 def quick():
-    """A few minutes on a 2-core CPU: 15,000 training images, shorter phases, validation split."""
+    # a few minutes on a 2-core CPU: 15,000 training images, shorter phases, validation split
     max_train_samples = 15000
     validation = True
     epochs_pretrain = 8
@@ -111,136 +108,13 @@ def quick():
 
 @ex.named_config
 def tf_original():
-    """The reference's numerics: compare a run against the TensorFlow code."""
+    # the reference's numerics, to compare a run with the TensorFlow code
     posterior = "tril"
     batchnorm = "frozen"
     dropout = 0.0
     leaky_logits = True
     adam = "tf1"
     eval_sample = True
-
-
-# ---- data -------------------------------------------------------------------------------------------
-DATASETS = {  # folder, mirrors, {file: MD5 of the .gz, MD5 of the decompressed IDX} (published checksums)
-    "MNIST": ("mnist", ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"], {
-        "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
-        "train-labels-idx1-ubyte": ("d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
-        "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
-        "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637")}),
-    "fMNIST": ("fashion-mnist", ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"], {
-        "train-images-idx3-ubyte": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-        "train-labels-idx1-ubyte": ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
-        "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
-        "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965")}),
-}
-
-
-class DataError(RuntimeError):
-    """A data file is missing, truncated, corrupt or not the expected one."""
-
-
-def parse_idx(raw: bytes, name: str, ndim: int) -> np.ndarray:
-    """Decode an unsigned-byte IDX array of `ndim` dimensions, checking magic number and exact length."""
-    if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 8, ndim]):
-        raise DataError(f"{name} is not an IDX file of {ndim}-D unsigned bytes (wrong header)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = 4 + 4 * ndim + math.prod(dims)
-    if len(raw) != expected:
-        raise DataError(f"{name} holds {len(raw)} bytes but its header {dims} announces {expected}: truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def read_idx(folder: str, stem: str, ndim: int, md5: str | None) -> np.ndarray:
-    """Read `stem.gz` (or uncompressed `stem`) from folder; md5 is that of the decompressed bytes."""
-    path = os.path.join(folder, stem + ".gz")
-    try:
-        if os.path.exists(path):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            path = os.path.join(folder, stem)
-            with open(path, "rb") as f:
-                raw = f.read()
-    except (OSError, EOFError) as e:   # gzip's CRC and length checks land here
-        raise DataError(f"cannot read {path}: {e}. Delete it and fetch the file again.") from e
-    if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
-        raise DataError(f"{path} is not the canonical file (MD5 of its content {hashlib.md5(raw).hexdigest()}, "
-                        f"expected {md5}). Delete it and fetch the file again.")
-    return parse_idx(raw, path, ndim)
-
-
-def download(data_set: str, folder: str) -> None:
-    """Fetch the missing .gz files of data_set into folder, verifying each MD5 before it lands."""
-    _, mirrors, files = DATASETS[data_set]
-    missing = [s for s in files if not (os.path.exists(os.path.join(folder, s + ".gz"))
-                                        or os.path.exists(os.path.join(folder, s)))]
-    if not missing:
-        return
-    how = (f"Put {', '.join(s + '.gz' for s in missing)} into {os.path.abspath(folder)} "
-           f"(or set data_dir to a folder holding {DATASETS[data_set][0]}/ with them).")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder)
-        probe.close()
-    except OSError as e:
-        raise DataError(f"missing {data_set} files and cannot write to {folder}: {e}. {how}") from e
-    for stem in missing:
-        errors = []
-        for mirror in mirrors:
-            try:
-                with urllib.request.urlopen(mirror + stem + ".gz", timeout=30) as r:
-                    blob = r.read()
-            except OSError as e:
-                errors.append(f"{mirror}: {e}")
-                continue
-            if hashlib.md5(blob).hexdigest() != files[stem][0]:
-                errors.append(f"{mirror}: MD5 mismatch")
-                continue
-            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
-                tmp.write(blob)
-            os.replace(tmp.name, os.path.join(folder, stem + ".gz"))
-            break
-        else:
-            raise DataError(f"cannot download {stem}.gz ({'; '.join(errors)}). {how}")
-
-
-@functools.lru_cache(maxsize=2)   # repeated runs in one process (more_runs, tests) read the files once
-def read_dataset(data_set: str, data_dir: str) -> dict[str, np.ndarray]:
-    """The 4 IDX arrays of data_set, downloaded first where missing, each checked against its MD5."""
-    sub, _, files = DATASETS[data_set]
-    folder = os.path.join(data_dir, sub)
-    download(data_set, folder)
-    return {s: read_idx(folder, s, 3 if "images" in s else 1, files[s][1]) for s in files}
-
-
-def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples: int | None = None,
-              max_eval_samples: int | None = None) -> dict[str, np.ndarray]:
-    """Train split (51,000), and the evaluation set: validation split (9,000) or official test set (10,000).
-
-    Each image is divided by its own maximum pixel; the split is the reference's
-    train_test_split(test_size=0.15, random_state=42) of the 60,000 official training images.
-    """
-    folder = os.path.join(data_dir, DATASETS[data_set][0])
-    arrays = read_dataset(data_set, data_dir)
-    for part in ("train", "t10k"):
-        images, labels = arrays[f"{part}-images-idx3-ubyte"], arrays[f"{part}-labels-idx1-ubyte"]
-        if images.shape[1:] != (28, 28) or len(images) != len(labels):
-            raise DataError(f"{folder}: {part} images {images.shape} do not match labels {labels.shape}")
-
-    def normalise(images):
-        x = images.reshape(len(images), -1).astype(np.float64)
-        return (x / np.maximum(x.max(axis=1, keepdims=True), 1.0)).astype(np.float32)   # guard blank images
-
-    x_train, x_val, y_train, y_val = train_test_split(
-        normalise(arrays["train-images-idx3-ubyte"]), arrays["train-labels-idx1-ubyte"].astype(np.int64),
-        test_size=0.15, random_state=42)
-    if max_train_samples is not None:
-        x_train, y_train = x_train[:max_train_samples], y_train[:max_train_samples]
-    if validation:
-        x_eval, y_eval = x_val, y_val
-    else:
-        x_eval, y_eval = normalise(arrays["t10k-images-idx3-ubyte"]), arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    return {"x_train": x_train, "y_train": y_train, "x_eval": x_eval[:max_eval_samples], "y_eval": y_eval[:max_eval_samples]}
 
 
 # ---- configuration checks -----------------------------------------------------------------------------
@@ -366,35 +240,21 @@ def phase_loss(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None
     return model.joint_loss(x, model(x), p)
 
 
-@torch.no_grad()
-def encode_all(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent codes (N, D) and soft assignments q (N, H*W) of a whole set, batched, encoder only."""
-    was_training = model.training
-    model.eval()
-    zs, qs = [], []
-    for i in range(0, len(x), batch_size):
-        loc, scale = model.encode(x[i:i + batch_size])
-        z = model.sample(loc, scale) if sample else loc
-        zs.append(z)
-        qs.append(model.soft_assign(model.distances(z)))
-    model.train(was_training)
-    return torch.cat(zs), torch.cat(qs)
-
-
-EVAL_NOISE_SEED = 2020   # eval_sample's one posterior sample uses this fixed seed, so `evaluate` reproduces a run
+EVAL_NOISE_SEED = 2020   # evaluation's one posterior sample (eval_sample) is seeded, so `evaluate` reproduces a run
 
 
 @torch.no_grad()
-def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: bool = True) -> dict:
+def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: bool = True,
+          noise_seed: int | None = EVAL_NOISE_SEED) -> dict:
     """Per sample of a set, batched, in eval mode: latent code z (N, D), squared distances dist (N, H*W) and,
     with `decode`, the reconstruction errors nll and mse (N,).
 
     z is the posterior mean, or with `sample` one posterior sample whose noise comes from a generator seeded
-    with EVAL_NOISE_SEED: repeatable, and the global RNG stream (training's) is left alone.
+    with noise_seed (repeatable, training's RNG stream left alone), or from the global RNG if it is None.
     """
     was_training = model.training
     model.eval()
-    noise = torch.Generator(x.device).manual_seed(EVAL_NOISE_SEED)
+    noise = None if noise_seed is None else torch.Generator(x.device).manual_seed(noise_seed)
     batches = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
@@ -405,6 +265,12 @@ def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: 
             batches[-1]["nll"], batches[-1]["mse"] = reconstruction_errors(xb, out.logits)
     model.train(was_training)
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def target_distribution(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> torch.Tensor:
+    """DEC target P (N, H*W) over a whole set, encoder only; a sampled z draws on training's RNG stream."""
+    dist = infer(model, x, batch_size, sample, decode=False, noise_seed=None)["dist"]
+    return DPSOM.target_distribution(model.soft_assign(dist))
 
 
 def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int,
@@ -419,75 +285,6 @@ def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int
                "topographic_error": topographic_error(dist, model.neighbours, model.neighbour_mask),
                **map_usage(bmu, dist.shape[1])}
     return metrics, bmu
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically (temp file, fsync, rename) and keep the previous checkpoint as `<path>.prev`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".tmp") as f:
-        try:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    if os.path.exists(path):
-        os.replace(path, path + ".prev")
-    os.replace(f.name, path)
-
-
-def checkpoint_state(model, opt, c, global_step, plan_index, batch, phase, epoch, targets=None) -> dict:
-    """A plain dict; training continues at batch `batch` of epoch `plan_index` of epoch_plan(config).
-
-    `targets` (P of the train split and of the monitoring batch) is stored only mid-epoch, where it
-    cannot be recomputed from the weights.
-    """
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": global_step,
-            "plan_index": plan_index, "batch": batch, "phase": phase, "epoch": epoch, "config": c,
-            "targets": targets,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-
-
-def load_checkpoint(path: str, device: torch.device) -> dict:
-    """Load `path` (a checkpoint file or the run folder holding checkpoint.pt); on failure fall back to
-    the previous checkpoint kept beside it, saying which file failed and why."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
-    failures = []
-    for candidate in (path, path + ".prev"):
-        if not os.path.exists(candidate):
-            failures.append(f"{candidate}: does not exist")
-            continue
-        try:
-            state = torch.load(candidate, map_location=device, weights_only=False)
-            if not isinstance(state, dict) or not {"model", "optimizer", "config", "plan_index"} <= set(state):
-                raise ValueError("not a DPSOM checkpoint")
-        except Exception as e:   # truncated zip, unpickling error, wrong content
-            failures.append(f"{candidate}: {type(e).__name__}: {e}")
-            print(f"cannot load checkpoint {candidate} ({type(e).__name__}: {e})", file=sys.stderr)
-            continue
-        if failures:
-            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
-        state["path"] = candidate
-        return state
-    raise FileNotFoundError("no usable checkpoint: " + "; ".join(failures))
-
-
-# Keys that may differ between a checkpoint's run and the run that resumes it.
-RESUMABLE_CHANGES = {"resume", "logdir", "device", "data_dir", "log_every", "num_epochs", "val_epochs", "seed",
-                     "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
-
-
-def check_resumable(c: dict, saved: dict) -> None:
-    """Refuse a checkpoint written under another config, naming every key that differs."""
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {c[k]!r}" for k in sorted(c)
-            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
-    if diff:
-        raise ValueError("config resume: the checkpoint was written with another config ("
-                         + "; ".join(diff) + "). Run again with the checkpoint's values.")
 
 
 class Logger:
@@ -572,30 +369,6 @@ def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray, c: d
         log.embedding(phase, out["z"][:n].cpu(), y[:n], bmu[:n], x[:n].view(-1, 1, 28, 28).cpu(), step)
 
 
-class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once."""
-
-    def __enter__(self):
-        self.signum, self.previous = None, {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Stopped by a signal after writing a checkpoint; Sacred records the run as INTERRUPTED."""
-    STATUS = "INTERRUPTED"
-
-
 def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None) -> dict:
     """All three phases with one optimiser and one global step; returns the final metrics."""
     model = build_model(c).to(device)
@@ -635,8 +408,8 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                                              initial=epoch * steps_per_epoch + b0, desc=phase, disable=None)
             if phase == "train" and (targets is None or b0 == 0):
                 # DEC target over the whole train split and the monitoring set, once an epoch
-                targets = (DPSOM.target_distribution(encode_all(model, x_train, B, c["eval_sample"])[1]),
-                           DPSOM.target_distribution(encode_all(model, x_eval, B, c["eval_sample"])[1])[:B])
+                targets = (target_distribution(model, x_train, B, c["eval_sample"]),
+                           target_distribution(model, x_eval, B, c["eval_sample"])[:B])
             p_train, p_mon = targets if phase == "train" else (None, None)
             stats = StepStats()
             for b in range(b0, steps_per_epoch):

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-import dpsom
-from dpsom import DataError, parse_idx, read_idx
+import mnist_data
+from mnist_data import DataError, parse_idx, read_idx
 
 
 def idx_bytes(a: np.ndarray) -> bytes:
@@ -33,21 +33,21 @@ def small(tmp_path, monkeypatch):
     """A data_dir with small MNIST-format files whose MD5s are registered as the canonical ones."""
     arrays = write_set(tmp_path / "mnist")
     sums = {s: ("-", hashlib.md5(idx_bytes(a)).hexdigest()) for s, a in arrays.items()}
-    monkeypatch.setitem(dpsom.DATASETS, "MNIST", ("mnist", [], sums))
-    dpsom.read_dataset.cache_clear()
+    monkeypatch.setitem(mnist_data.DATASETS, "MNIST", ("mnist", [], sums))
+    mnist_data.read_dataset.cache_clear()
     yield tmp_path, arrays
-    dpsom.read_dataset.cache_clear()
+    mnist_data.read_dataset.cache_clear()
 
 
 def test_parse_round_trip_and_normalisation(small):
     folder, arrays = small
-    d = dpsom.load_data("MNIST", str(folder), validation=True, max_train_samples=None)
+    d = mnist_data.load_data("MNIST", str(folder), validation=True, max_train_samples=None)
     assert d["x_train"].shape == (34, 784) and d["x_eval"].shape == (6, 784)      # 85/15 of 40
     assert d["x_train"].dtype == np.float32
     x = np.concatenate([d["x_train"], d["x_eval"]])
     maxima = x.max(1)
     assert np.all((maxima == 1.0) | (maxima == 0.0)) and (maxima == 0.0).sum() == 1  # per-image max, blank kept
-    t = dpsom.load_data("MNIST", str(folder), validation=False, max_train_samples=5)
+    t = mnist_data.load_data("MNIST", str(folder), validation=False, max_train_samples=5)
     assert t["x_train"].shape == (5, 784)
     raw = arrays["t10k-images-idx3-ubyte"].reshape(10, -1).astype(np.float64)
     np.testing.assert_allclose(t["x_eval"], raw / raw.max(1, keepdims=True), rtol=1e-6)
@@ -56,13 +56,13 @@ def test_parse_round_trip_and_normalisation(small):
 
 def test_split_is_the_references(data_dir):
     from sklearn.model_selection import train_test_split
-    d = dpsom.load_data("MNIST", data_dir, validation=True, max_train_samples=None)
+    d = mnist_data.load_data("MNIST", data_dir, validation=True, max_train_samples=None)
     assert d["x_train"].shape == (51000, 784) and d["x_eval"].shape == (9000, 784)
     raw = read_idx(os.path.join(data_dir, "mnist"), "train-labels-idx1-ubyte", 1, None)
     _, _, y_train, y_val = train_test_split(np.zeros(60000), raw, test_size=0.15, random_state=42)
     np.testing.assert_array_equal(d["y_train"], y_train)
     np.testing.assert_array_equal(d["y_eval"], y_val)
-    t = dpsom.load_data("MNIST", data_dir, validation=False, max_train_samples=None)
+    t = mnist_data.load_data("MNIST", data_dir, validation=False, max_train_samples=None)
     assert t["x_eval"].shape == (10000, 784)
 
 
@@ -71,7 +71,7 @@ def test_truncated_file_is_rejected(small):
     path = folder / "mnist" / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-40])                     # cut the gzip stream
     with pytest.raises(DataError, match="train-images"):
-        dpsom.load_data("MNIST", str(folder), True, None)
+        mnist_data.load_data("MNIST", str(folder), True, None)
 
 
 def test_short_idx_payload_is_rejected():
@@ -89,20 +89,20 @@ def test_corrupt_content_fails_the_checksum(small):
     with gzip.open(folder / "mnist" / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(idx_bytes(bad))
     with pytest.raises(DataError, match="not the canonical file"):
-        dpsom.load_data("MNIST", str(folder), True, None)
+        mnist_data.load_data("MNIST", str(folder), True, None)
 
 
 def test_garbage_gzip_is_rejected(small):
     folder, _ = small
     (folder / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file at all")
     with pytest.raises(DataError, match="t10k-labels"):
-        dpsom.load_data("MNIST", str(folder), False, None)
+        mnist_data.load_data("MNIST", str(folder), False, None)
 
 
 def test_missing_files_offline_name_files_and_folder(small, monkeypatch):
     folder, _ = small
     os.remove(folder / "mnist" / "t10k-images-idx3-ubyte.gz")
-    monkeypatch.setitem(dpsom.DATASETS, "MNIST", ("mnist", ["http://127.0.0.1:9/"], dpsom.DATASETS["MNIST"][2]))
+    monkeypatch.setitem(mnist_data.DATASETS, "MNIST", ("mnist", ["http://127.0.0.1:9/"], mnist_data.DATASETS["MNIST"][2]))
     with pytest.raises(DataError) as e:
-        dpsom.load_data("MNIST", str(folder), True, None)
+        mnist_data.load_data("MNIST", str(folder), True, None)
     assert "t10k-images-idx3-ubyte.gz" in str(e.value) and str(folder / "mnist") in str(e.value)

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import dpsom
+import mnist_data
 from conftest import ROOT
 from test_end_to_end import TINY, run
 
@@ -62,7 +64,7 @@ def test_same_seed_is_bit_identical(tmp_path, data_dir):
 def two_checkpoints(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     for step in (1, 2):
-        dpsom.save_checkpoint(path, {"model": {"w": torch.full((1000,), float(step))}, "optimizer": {},
+        checkpoint.save_checkpoint(path, {"model": {"w": torch.full((1000,), float(step))}, "optimizer": {},
                                      "config": {}, "plan_index": step, "global_step": step})
     return path
 
@@ -74,12 +76,12 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, capsys):
     for cut in [0, 1, 100] + [rng.randrange(len(blob)) for _ in range(5)]:
         with open(path, "wb") as f:
             f.write(blob[:cut])
-        state = dpsom.load_checkpoint(path, torch.device("cpu"))
+        state = checkpoint.load_checkpoint(path, torch.device("cpu"))
         assert state["global_step"] == 1 and state["path"] == path + ".prev"
         assert f"cannot load checkpoint {path}" in capsys.readouterr().err
     with open(path, "wb") as f:
         f.write(blob)
-    assert dpsom.load_checkpoint(str(tmp_path), torch.device("cpu"))["global_step"] == 2   # a run folder works too
+    assert checkpoint.load_checkpoint(str(tmp_path), torch.device("cpu"))["global_step"] == 2   # a run folder works too
 
 
 def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -91,9 +93,9 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(OSError, match="No space"):
-        dpsom.save_checkpoint(path, {"x": 1})
+        checkpoint.save_checkpoint(path, {"x": 1})
     monkeypatch.undo()
-    assert dpsom.load_checkpoint(path, torch.device("cpu"))["global_step"] == 2
+    assert checkpoint.load_checkpoint(path, torch.device("cpu"))["global_step"] == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.prev"]     # no stray temp file
 
 
@@ -130,6 +132,6 @@ def test_resume_after_non_finite_loss(tmp_path, data_dir, monkeypatch):
 def test_unwritable_data_folder_is_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    dpsom.read_dataset.cache_clear()
-    with pytest.raises(dpsom.DataError, match="cannot write to"):
-        dpsom.load_data("MNIST", str(blocker), True)
+    mnist_data.read_dataset.cache_clear()
+    with pytest.raises(mnist_data.DataError, match="cannot write to"):
+        mnist_data.load_data("MNIST", str(blocker), True)

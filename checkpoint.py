@@ -1,0 +1,101 @@
+"""Never lose a run: atomic checkpoints with a fallback, the resume check, and stop-on-signal."""
+import os
+import signal
+import sys
+import tempfile
+import threading
+
+import torch
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically (temp file, fsync, rename) and keep the previous checkpoint as `<path>.prev`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".tmp") as f:
+        try:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    os.replace(f.name, path)
+
+
+def checkpoint_state(model, opt, c, global_step, plan_index, batch, phase, epoch, targets=None) -> dict:
+    """A plain dict; training continues at batch `batch` of epoch `plan_index` of epoch_plan(config).
+
+    `targets` (P of the train split and of the monitoring batch) is stored only mid-epoch, where it
+    cannot be recomputed from the weights.
+    """
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": global_step,
+            "plan_index": plan_index, "batch": batch, "phase": phase, "epoch": epoch, "config": c,
+            "targets": targets,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    """Load `path` (a checkpoint file or the run folder holding checkpoint.pt); on failure fall back to
+    the previous checkpoint kept beside it, saying which file failed and why."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    failures = []
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            failures.append(f"{candidate}: does not exist")
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=False)
+            if not isinstance(state, dict) or not {"model", "optimizer", "config", "plan_index"} <= set(state):
+                raise ValueError("not a DPSOM checkpoint")
+        except Exception as e:   # truncated zip, unpickling error, wrong content
+            failures.append(f"{candidate}: {type(e).__name__}: {e}")
+            print(f"cannot load checkpoint {candidate} ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
+        if failures:
+            print(f"falling back to the previous checkpoint {candidate}", file=sys.stderr)
+        state["path"] = candidate
+        return state
+    raise FileNotFoundError("no usable checkpoint: " + "; ".join(failures))
+
+
+# Keys that may differ between a checkpoint's run and the run that resumes it.
+RESUMABLE_CHANGES = {"resume", "logdir", "device", "data_dir", "log_every", "num_epochs", "val_epochs", "seed",
+                     "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
+
+
+def check_resumable(c: dict, saved: dict) -> None:
+    """Refuse a checkpoint written under another config, naming every key that differs."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {c[k]!r}" for k in sorted(c)
+            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+    if diff:
+        raise ValueError("config resume: the checkpoint was written with another config ("
+                         + "; ".join(diff) + "). Run again with the checkpoint's values.")
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after writing a checkpoint; Sacred records the run as INTERRUPTED."""
+    STATUS = "INTERRUPTED"
