@@ -186,7 +186,8 @@ class DPSOM(nn.Module):
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distance of each z to each prototype, (B, D) -> (B, H*W)."""
         E = self.embeddings.view(-1, self.latent_dim)                  # (H*W, D)
-        return ((z.unsqueeze(1) - E.unsqueeze(0)) ** 2).sum(-1)       # (B, H*W)
+        # ||z||^2 - 2 z.E + ||E||^2: one (B, D) x (D, H*W) product instead of a (B, H*W, D) difference
+        return ((z ** 2).sum(1, keepdim=True) - 2 * z @ E.T + (E ** 2).sum(1)).clamp_min(0)   # (B, H*W)
 
     def soft_assign(self, dist: torch.Tensor) -> torch.Tensor:
         """Student's t soft assignment q with `alpha` degrees of freedom, rows summing to 1."""

@@ -117,13 +117,15 @@ def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples:
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
             raise DataError(f"{folder}: {part} images {images.shape} do not match labels {labels.shape}")
 
-    def normalise(images):
-        x = images.reshape(len(images), -1).astype(np.float64)
-        return (x / np.maximum(x.max(axis=1, keepdims=True), 1.0)).astype(np.float32)   # guard blank images
+    def normalise(images):   # float32 division rounds exactly as float64 division then rounding would
+        x = images.reshape(len(images), -1).astype(np.float32)
+        x /= np.maximum(x.max(axis=1, keepdims=True), 1.0)             # guard blank images
+        return x
 
-    x_train, x_val, y_train, y_val = train_test_split(
-        normalise(arrays["train-images-idx3-ubyte"]), arrays["train-labels-idx1-ubyte"].astype(np.int64),
+    x_train, x_val, y_train, y_val = train_test_split(   # split the bytes, then normalise: one float copy
+        arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"].astype(np.int64),
         test_size=0.15, random_state=42)
+    x_train, x_val = normalise(x_train), normalise(x_val)
     if max_train_samples is not None:
         x_train, y_train = x_train[:max_train_samples], y_train[:max_train_samples]
     if validation:

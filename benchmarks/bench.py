@@ -1,0 +1,281 @@
+"""Throughput of DPSOM's training phases, measured against a bare encoder/decoder Adam step.
+
+    python benchmarks/bench.py                       # synthetic data, whatever device is present
+    python benchmarks/bench.py --data-dir ../shared/data
+
+For the dense and the conv model: samples/s of each phase's optimiser step (pretrain, som_init, joint),
+of the target-distribution pass over the train split and of evaluation. Each is also a ratio to a bare
+step of the same networks (forward + backward + Adam on a plain BCE: no SOM, no logging) timed right
+beside it: on a shared machine the seconds drift by several times, ratios of adjacent timings much less.
+A phase step is what dpsom.train does per batch (learning rate, train_step, StepStats.add) without the
+branch taken every log_every steps. The target-distribution pass is reported as a share of one joint
+epoch, evaluation as its time per sample over a bare step's. Peak memory per model is this process's
+(both networks, the data). A child runs one joint epoch of dpsom.train at full size for a default dense
+run's peak RSS and checkpoint size; drift over hundreds of epochs is beyond it.
+The last line of stdout is one JSON object.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # sacred's import
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dpsom
+from decay_scheduler import decayed_lr
+from mnist_data import load_data
+
+PHASES = {"pretrain": "pretrain", "som_init": "som_init", "joint": "train"}   # report name -> dpsom's name
+CPU_TARGETS = {"pretrain": 1.1, "som_init": 0.3, "joint": 1.15, "target_distribution": 0.35}   # the issue's, dense
+RSS_TARGET_MB = 1500
+N_TRAIN, N_EVAL = 51000, 10000
+
+
+def get_data(data_dir: str | None) -> dict[str, np.ndarray]:
+    if data_dir:
+        return load_data("MNIST", data_dir, False)
+    rng = np.random.default_rng(0)   # uniform pixels: the arithmetic does not depend on the content
+    return {"x_train": rng.random((N_TRAIN, 784), dtype=np.float32), "y_train": rng.integers(0, 10, N_TRAIN),
+            "x_eval": rng.random((N_EVAL, 784), dtype=np.float32), "y_eval": rng.integers(0, 10, N_EVAL)}
+
+
+def default_config(conv: bool) -> dict:
+    return dict(dpsom.config(fixed={"convolution": conv}))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n: int, device: torch.device) -> float:
+    """Seconds per call over n calls, synchronised only before and after (as the training loop is)."""
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / n
+
+
+def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, budget_s: float) -> dict:
+    c = default_config(conv)
+    B, cpu = c["batch_size"], device.type == "cpu"
+    # Conv on a CPU is ~10x dense: time single steps and extrapolate the two whole-set passes from a subset.
+    n_td = 5 * B if conv and cpu else len(data["x_train"])
+    n_eval = 5 * B if conv and cpu else len(data["x_eval"])
+    block = 1 if cpu else 10                                        # steps per timing block
+    x_train = torch.as_tensor(data["x_train"], device=device)       # resident on the device, batches by slicing
+    x_eval, y_eval = torch.as_tensor(data["x_eval"][:n_eval], device=device), data["y_eval"][:n_eval]
+
+    bare = dpsom.build_model(c).to(device).train()
+    bare_opt = torch.optim.Adam(bare.parameters(), lr=c["learning_rate"])
+    model = dpsom.build_model(c).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])   # one optimiser for all phases, as train()
+    base_lr = {"pretrain": c["learning_rate_pretrain"], "som_init": c["som_learning_rates"][0],
+               "train": c["learning_rate"]}
+    stats = {phase: dpsom.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
+    s = {"step": 0, "bare_step": 0, "p": None}
+
+    def bare_step():
+        b = s["bare_step"] % (n_td // B)
+        x = x_train[b * B:(b + 1) * B]
+        logits = bare.decode(bare.sample(*bare.encode(x)))
+        loss = F.binary_cross_entropy_with_logits(logits, x)
+        bare_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        bare_opt.step()
+        s["bare_step"] += 1
+
+    def phase_step(phase):   # the body of dpsom.train's step loop, without tqdm and the logging branch
+        b = s["step"] % (n_td // B)
+        p = None if phase != "train" else s["p"][b * B:(b + 1) * B]
+        lr = decayed_lr(base_lr[phase], s["step"], c["decay_factor"], c["decay_steps"])
+        s["step"] += 1
+        stats[phase].add(dpsom.train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), s["step"])
+
+    def beside_bare(fn) -> tuple[float, float]:
+        """Seconds of one call of fn, and the same in bare steps (bare timed just before and after)."""
+        before = timed(bare_step, block, device)
+        seconds = timed(fn, 1, device)
+        return seconds, seconds / statistics.mean([before, timed(bare_step, block, device)])
+
+    def target_distribution():
+        s["p"] = dpsom.target_distribution(model, x_train[:n_td], B, c["eval_sample"])
+
+    # Warm-up (allocator, oneDNN primitives, Adam state); the medians below absorb what is left of it.
+    bare_step(), phase_step("pretrain"), phase_step("som_init")
+    dpsom.target_distribution(model, x_train[:2 * B], B, c["eval_sample"])
+    td_s, td_bare = beside_bare(target_distribution)                # also the p of the joint steps
+    phase_step("train")
+
+    # Interleave: each phase block sits next to its own bare block, their order alternating per round.
+    t = {name: [] for name in PHASES}
+    ratio = {name: [] for name in PHASES}
+    bare_t = []
+    deadline = time.perf_counter() + budget_s
+    for r in range(max_rounds):
+        for name, phase in PHASES.items():
+            pair = [("bare", bare_step), (name, lambda: phase_step(phase))]
+            got = {k: timed(fn, block, device) for k, fn in (pair[::-1] if r % 2 else pair)}
+            t[name].append(got[name])
+            ratio[name].append(got[name] / got["bare"])
+            bare_t.append(got["bare"])
+        if r >= 2 and time.perf_counter() > deadline:
+            break
+    for phase, st in stats.items():
+        st.check(phase, 0)
+
+    if device.type == "cuda":   # the step loop must never wait for the device: count the syncs it requests
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for phase in PHASES.values():
+                phase_step(phase)
+        torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+
+    eval_s, eval_bare = beside_bare(lambda: dpsom.evaluate_model(model, x_eval, y_eval, B, c["eval_sample"]))
+    med = {name: statistics.median(v) for name, v in ratio.items()}
+    bare_s = statistics.median(bare_t)
+    steps_per_epoch = len(data["x_train"]) // B
+    scale = len(data["x_train"]) / n_td                             # 1 unless timed on a subset
+    out = {name: {"samples_per_s": B / statistics.median(t[name]), "ratio_to_bare": med[name]} for name in PHASES}
+    epoch_in_bare = steps_per_epoch * med["joint"]                  # one joint epoch, in bare steps
+    out["target_distribution"] = {"seconds": td_s * scale, "ratio_to_epoch": td_bare * scale / epoch_in_bare,
+                                  "images_timed": n_td}
+    out["eval"] = {"samples_per_s": n_eval / eval_s, "ratio_to_bare": eval_bare * B / n_eval, "images_timed": n_eval}
+    out["bare"] = {"samples_per_s": B / bare_s, "batch_size": B, "rounds": len(bare_t) // len(PHASES),
+                   "steps_per_block": block}
+    if device.type == "cuda":
+        out["host_syncs_per_step"] = syncs / len(PHASES)
+    return out
+
+
+def peak_rss_mb(reset: bool = False) -> float:
+    """High-water RSS of this process since the last reset (Linux's VmHWM; getrusage's maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")   # restart the high-water mark from the current RSS
+        return mb
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def default_run(data_dir: str | None, device: str) -> dict:
+    """Peak RSS and checkpoint size of a default dense run, one joint epoch at full size, in a child."""
+    with tempfile.TemporaryDirectory() as logdir:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", logdir, "--device", device]
+        cmd += ["--data-dir", data_dir] if data_dir else []
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        ckpt = os.path.getsize(os.path.join(logdir, "checkpoint.pt"))
+    # Adam keeps two tensors per parameter; anything beyond model + those + a few bytes is duplication.
+    model = dpsom.build_model(default_config(False))
+    ideal = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
+        2 * p.numel() * p.element_size() for p in model.parameters())
+    return {"peak_rss_mb": json.loads(done.stdout.splitlines()[-1])["peak_rss_mb"],
+            "checkpoint_mb": ckpt / 2 ** 20, "checkpoint_ideal_mb": ideal / 2 ** 20,
+            "data": "MNIST" if data_dir else "synthetic, so without load_data's parsing"}
+
+
+def child(logdir: str, data_dir: str | None, device: str) -> None:
+    # The joint epoch holds every large tensor a run has: data, p over the train split, the full graph.
+    # (A child's getrusage would not do: exec carries the parent's high-water mark into its ru_maxrss.)
+    c = {**default_config(False), "epochs_pretrain": 0, "som_learning_rates": [], "num_epochs": 1}
+    dpsom.train(c, get_data(data_dir), dpsom.pick_device(device), logdir, None)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def print_table(result: dict, n_train: int, cpu: bool) -> None:
+    print(f"device {result['device']}, batch {result['dense']['bare']['batch_size']}; each ratio is to a bare "
+          f"forward + backward + Adam step timed beside it")
+    if max(result["load_avg"]) > os.cpu_count():
+        print(f"busy machine (load {max(result['load_avg']):.1f} on {os.cpu_count()} cores): "
+              f"the seconds are inflated, the ratios much less so")
+    print(f"{'model':6} {'phase':20} {'samples/s':>10} {'ratio':>7} {'of':<6} {'target':>7}  ok")
+    for arch in ("dense", "conv"):
+        r = result[arch]
+        rows = [("bare", r["bare"]["samples_per_s"], 1.0, "bare")]
+        rows += [(n, r[n]["samples_per_s"], r[n]["ratio_to_bare"], "bare") for n in PHASES]
+        td = r["target_distribution"]
+        rows += [("target_distribution", n_train / td["seconds"], td["ratio_to_epoch"], "epoch"),
+                 ("eval", r["eval"]["samples_per_s"], r["eval"]["ratio_to_bare"], "bare")]
+        for name, rate, ratio, of in rows:
+            target = CPU_TARGETS.get(name) if cpu and arch == "dense" else None
+            check = "" if target is None else ("yes" if ratio <= target else "NO")
+            print(f"{arch:6} {name:20} {rate:10.0f} {ratio:7.3f} {of:<6} {target or '':>7}  {check}")
+        print(f"{arch:6} {r['bare']['rounds']} rounds of {r['bare']['steps_per_block']} step(s); bench's peak "
+              f"memory {r['peak_memory_mb']:.0f} MB ({'RSS' if cpu else 'max_memory_allocated'})"
+              + (f"; target distribution and eval extrapolated from {td['images_timed']} and "
+                 f"{r['eval']['images_timed']} images" if td["images_timed"] < n_train else ""))
+    d = result.get("default_dense_run", {})
+    if "skipped" in d:
+        print(f"default dense run skipped: {d['skipped']}")
+    elif d:
+        check = f" (target {RSS_TARGET_MB} MB: {'yes' if d['peak_rss_mb'] <= RSS_TARGET_MB else 'NO'})" if cpu else ""
+        print(f"default dense run ({d['data']}): peak RSS {d['peak_rss_mb']:.0f} MB{check}; checkpoint "
+              f"{d['checkpoint_mb']:.1f} MB (model + Adam state: {d['checkpoint_ideal_mb']:.1f} MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", help="folder holding mnist/ (default: synthetic data of MNIST's shapes)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rounds", type=int, default=0, help="most timing rounds per model (0: by device)")
+    ap.add_argument("--default-run", choices=["auto", "yes", "no"], default="auto",
+                    help="measure a default dense run's peak RSS in a child (auto: if it fits in 5 minutes)")
+    ap.add_argument("--child", metavar="LOGDIR", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.data_dir, args.device)
+
+    t0 = time.perf_counter()
+    device = dpsom.pick_device(args.device)
+    cpu = device.type == "cpu"
+    data = get_data(args.data_dir)
+    result = {"device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({torch.get_num_threads()} threads)",
+              "load_avg": [os.getloadavg()[0]]}
+    for arch, conv in (("dense", False), ("conv", True)):
+        if cpu:
+            peak_rss_mb(reset=True)
+        else:
+            torch.cuda.reset_peak_memory_stats(device)
+        # Conv steps take seconds on a CPU: few rounds, each at least 3 and stopped after the time budget.
+        rounds = args.rounds or (3 if cpu and conv else 20)
+        result[arch] = bench_arch(conv, data, device, rounds, budget_s=30 if cpu else 60)
+        result[arch]["peak_memory_mb"] = peak_rss_mb() if cpu else torch.cuda.max_memory_allocated(device) / 2 ** 20
+        print(f"bench: {arch} timed, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    result["peak_memory_mb"] = max(result[a]["peak_memory_mb"] for a in ("dense", "conv"))
+    # One joint epoch and its two target-distribution passes at the dense speed just measured, plus a
+    # margin for what train() adds (start-up, monitoring, evaluation, checkpoint).
+    dense = result["dense"]
+    estimate = 1.5 * (10 + len(data["x_train"]) / dense["joint"]["samples_per_s"]
+                      + 1.2 * dense["target_distribution"]["seconds"])
+    if args.default_run == "yes" or (args.default_run == "auto" and time.perf_counter() - t0 + estimate < 270):
+        result["default_dense_run"] = default_run(args.data_dir, args.device)
+        print(f"bench: default dense run measured, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    elif args.default_run == "auto":
+        result["default_dense_run"] = {"skipped": f"would take about {estimate:.0f} s here now; "
+                                                  "--default-run yes forces it"}
+    result["load_avg"].append(os.getloadavg()[0])
+
+    print_table(result, len(data["x_train"]), cpu)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
