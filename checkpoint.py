@@ -64,8 +64,8 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
 
 
 # Keys that may differ between a checkpoint's run and the run that resumes it.
-RESUMABLE_CHANGES = {"resume", "logdir", "device", "data_dir", "log_every", "num_epochs", "val_epochs", "seed",
-                     "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
+RESUMABLE_CHANGES = {"resume", "logdir", "device", "compile", "data_dir", "log_every", "num_epochs", "val_epochs",
+                     "seed", "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
 
 
 def check_resumable(c: dict, saved: dict) -> None:

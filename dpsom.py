@@ -74,6 +74,8 @@ def config():
     adam = "torch"                   # "torch" or "tf1" (TF1's bias correction over the global step)
     eval_sample = False              # evaluate on one posterior sample (reference) instead of the mean
     device = "auto"                  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    compile = False                  # torch.compile each phase's loss (compiling takes a while at each phase's start)
+    amp = False                      # bf16 autocast of encoder/decoder layers; posterior head, SOM, losses stay float32
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
     arch = "conv" if convolution else "dense"
     logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}")  # run folder
@@ -145,6 +147,8 @@ def check_config(c: dict, n_train: int | None = None) -> None:
     need(c["posterior"] in ("diag", "tril"), "posterior", "must be 'diag' or 'tril'")
     need(c["batchnorm"] in ("standard", "frozen"), "batchnorm", "must be 'standard' or 'frozen'")
     need(c["adam"] in ("torch", "tf1"), "adam", "must be 'torch' or 'tf1'")
+    for key in ("compile", "amp", "toroidal", "convolution", "validation", "val_epochs", "eval_sample"):
+        need(isinstance(c[key], bool), key, "must be True or False")
     need(not c["more_runs"] or (is_int(c["n_runs"]) and c["n_runs"] > 0), "n_runs", "must be a positive integer")
     need(not c["use_saved_pretrain"] or os.path.exists(c["pretrain_path"]), "pretrain_path",
          "does not exist; run once with save_pretrain=True first")
@@ -170,14 +174,18 @@ def build_model(c: dict) -> DPSOM:
     return DPSOM(latent_dim=c["latent_dim"], som_dim=c["som_dim"], alpha=c["alpha"], beta=c["beta"],
                  gamma=c["gamma"], theta=c["theta"], prior=c["prior"], prior_var=c["prior_var"],
                  dropout=c["dropout"], convolution=c["convolution"], toroidal=c["toroidal"],
-                 posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"])
+                 posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"],
+                 amp=c.get("amp", False))   # checkpoints written before the switch existed lack the key
 
 
 def train_step(model: DPSOM, opt: torch.optim.Optimizer, phase: str, x: torch.Tensor, p: torch.Tensor | None,
-               lr: float) -> dict:
-    """One optimiser step of the phase's loss; returns its parts as device tensors (no host sync)."""
+               lr: float, loss_fn=None) -> dict:
+    """One optimiser step of the phase's loss; returns its parts as device tensors (no host sync).
+
+    loss_fn: phase_loss itself (default) or its torch.compile'd form.
+    """
     set_lr(opt, lr)
-    total, parts = phase_loss(model, phase, x, p)
+    total, parts = (loss_fn or phase_loss)(model, phase, x, p)
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -373,6 +381,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     """All three phases with one optimiser and one global step; returns the final metrics."""
     model = build_model(c).to(device)
     opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
+    loss_fn = torch.compile(phase_loss) if c["compile"] else phase_loss   # one graph per phase, made at its start
     x_train = torch.as_tensor(data["x_train"], device=device)         # (N, 784), resident on the device
     x_eval = torch.as_tensor(data["x_eval"], device=device)
     B = c["batch_size"]
@@ -416,7 +425,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                 p = None if p_train is None else p_train[b * B:(b + 1) * B]
                 lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
                 global_step += 1
-                stats.add(train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), global_step)
+                stats.add(train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr, loss_fn), global_step)
                 bar.update(1)
                 if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1 or stop.signum:
                     stats.check(phase, epoch)

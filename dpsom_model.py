@@ -91,7 +91,7 @@ class DPSOM(nn.Module):
                  beta: float = 0.25, gamma: float = 20.0, theta: float = 1.0, prior: float = 0.5,
                  prior_var: float = 1.0, dropout: float = 0.4, convolution: bool = False,
                  toroidal: bool = True, posterior: str = "diag", batchnorm: str = "standard",
-                 leaky_logits: bool = False):
+                 leaky_logits: bool = False, amp: bool = False):
         super().__init__()
         if posterior not in ("diag", "tril"):
             raise ValueError(f"posterior must be 'diag' or 'tril', got {posterior!r}")
@@ -101,6 +101,7 @@ class DPSOM(nn.Module):
         self.alpha, self.beta, self.gamma, self.theta = alpha, beta, gamma, theta
         self.prior, self.prior_var = prior, prior_var
         self.convolution, self.posterior, self.leaky_logits = convolution, posterior, leaky_logits
+        self.amp = amp   # bf16 autocast of the encoder and decoder layers; the head, SOM and losses stay float32
         frozen = batchnorm == "frozen"
         D = latent_dim
 
@@ -148,14 +149,18 @@ class DPSOM(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ---- networks -------------------------------------------------------------------------------
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, 784) in [0, 1] -> posterior loc (B, D) and log-variance (B, D) or scale_tril (B, D, D)."""
-        if self.convolution:
-            h = self.encoder(x.view(-1, 1, 28, 28) - 0.5)              # (B, 256, 7, 7)
-            h = h.permute(0, 2, 3, 1).flatten(1)                       # (B, 12544), TF's H,W,C order
-        else:
-            h = self.encoder(x)                                        # (B, 2000)
-        o = self.head(h)
+        with self._autocast(x.device):
+            if self.convolution:
+                h = self.encoder(x.view(-1, 1, 28, 28) - 0.5)          # (B, 256, 7, 7)
+                h = h.permute(0, 2, 3, 1).flatten(1)                   # (B, 12544), TF's H,W,C order
+            else:
+                h = self.encoder(x)                                    # (B, 2000)
+        o = self.head(h.to(x.dtype))    # float32 even under amp: z feeds the SOM's distances
         D = self.latent_dim
         loc = o[:, :D]                                                 # (B, D)
         if self.posterior == "diag":
@@ -174,10 +179,11 @@ class DPSOM(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, D) -> Bernoulli logits (B, 784)."""
-        h = self.decoder_in(z)
-        if self.convolution:
-            h = h.view(-1, 7, 7, 256).permute(0, 3, 1, 2)            # TF's NHWC reshape, then NCHW
-        logits = self.decoder(h).flatten(1)                            # (B, 784)
+        with self._autocast(z.device):
+            h = self.decoder_in(z)
+            if self.convolution:
+                h = h.view(-1, 7, 7, 256).permute(0, 3, 1, 2)        # TF's NHWC reshape, then NCHW
+            logits = self.decoder(h).flatten(1).to(z.dtype)            # (B, 784)
         # tf_original: the reference's last dense layer had activation=leaky_relu on its logits; its conv
         # decoder ends in a linear Conv2D, so the switch only concerns the dense decoder.
         return F.leaky_relu(logits, LEAKY_SLOPE) if self.leaky_logits and not self.convolution else logits

@@ -11,7 +11,10 @@ A phase step is what dpsom.train does per batch (learning rate, train_step, Step
 branch taken every log_every steps. The target-distribution pass is reported as a share of one joint
 epoch, evaluation as its time per sample over a bare step's. Peak memory per model is this process's
 (both networks, the data). A child runs one joint epoch of dpsom.train at full size for a default dense
-run's peak RSS and checkpoint size; drift over hundreds of epochs is beyond it.
+run's peak RSS and checkpoint size; drift over hundreds of epochs is beyond it. From the rates, the
+time of a default run's steps and target passes (full_run_estimate_s).
+With --variants (default on a GPU), the joint step under compile=True, amp=True and both, each timed
+beside the plain joint step: the speed-up each buys, and its first steps' time (compilation).
 The last line of stdout is one JSON object.
 """
 import argparse
@@ -69,7 +72,8 @@ def timed(fn, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / n
 
 
-def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, budget_s: float) -> dict:
+def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, budget_s: float,
+               variants: bool = False) -> dict:
     c = default_config(conv)
     B, cpu = c["batch_size"], device.type == "cpu"
     # Conv on a CPU is ~10x dense: time single steps and extrapolate the two whole-set passes from a subset.
@@ -156,10 +160,63 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
     out["target_distribution"] = {"seconds": td_s * scale, "ratio_to_epoch": td_bare * scale / epoch_in_bare,
                                   "images_timed": n_td}
     out["eval"] = {"samples_per_s": n_eval / eval_s, "ratio_to_bare": eval_bare * B / n_eval, "images_timed": n_eval}
+    # A default run's optimiser steps and target-distribution passes at these rates (logging, evaluation and
+    # checkpoints left out: they are a few percent at the default log_every).
+    epochs = {"pretrain": c["epochs_pretrain"], "som_init": c["som_epochs"] * len(c["som_learning_rates"]),
+              "joint": c["num_epochs"]}
+    step_s = {name: B / out[name]["samples_per_s"] for name in PHASES}
+    out["full_run_estimate_s"] = (sum(n * steps_per_epoch * step_s[name] for name, n in epochs.items())
+                                  + c["num_epochs"] * out["target_distribution"]["seconds"])
     out["bare"] = {"samples_per_s": B / bare_s, "batch_size": B, "rounds": len(bare_t) // len(PHASES),
                    "steps_per_block": block}
     if device.type == "cuda":
         out["host_syncs_per_step"] = syncs / len(PHASES)
+    if variants:
+        out["variants"] = variant_speedups(c, x_train[:n_td], s["p"], device, max_rounds, budget_s,
+                                           plain=lambda: phase_step("train"), block=block)
+    return out
+
+
+VARIANTS = {"compile": (True, False), "amp": (False, True), "compile+amp": (True, True)}   # (compile, amp)
+
+
+def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: torch.device, max_rounds: int,
+                     budget_s: float, plain, block: int) -> dict:
+    """The joint step under each speed switch, timed in blocks alternating with the plain joint step.
+
+    speedup = plain step time / switched step time (median over rounds); warmup_s is the switch's first two
+    steps, compilation included.
+    """
+    B = c["batch_size"]
+    out = {}
+    for name, (compiled, amp) in VARIANTS.items():
+        torch._dynamo.reset()
+        model = dpsom.build_model({**c, "amp": amp}).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])
+        loss_fn = torch.compile(dpsom.phase_loss) if compiled else dpsom.phase_loss
+        stats, step = dpsom.StepStats(), [0]
+
+        def switched():
+            b = step[0] % (len(x_train) // B)
+            step[0] += 1
+            stats.add(dpsom.train_step(model, opt, "train", x_train[b * B:(b + 1) * B], p[b * B:(b + 1) * B],
+                                       c["learning_rate"], loss_fn), step[0])
+
+        warmup = timed(switched, 2, device) * 2
+        ratios, times = [], []
+        deadline = time.perf_counter() + budget_s / 2   # each of three variants
+        for r in range(max_rounds):
+            pair = [("plain", plain), (name, switched)]
+            got = {k: timed(fn, block, device) for k, fn in (pair[::-1] if r % 2 else pair)}
+            ratios.append(got["plain"] / got[name])
+            times.append(got[name])
+            if r >= 2 and time.perf_counter() > deadline:
+                break
+        stats.check("train", 0)
+        out[name] = {"samples_per_s": B / statistics.median(times), "speedup": statistics.median(ratios),
+                     "warmup_s": warmup, "rounds": len(ratios)}
+        print(f"bench: variant {name} timed", file=sys.stderr)
+    torch._dynamo.reset()
     return out
 
 
@@ -218,6 +275,11 @@ def print_table(result: dict, n_train: int, cpu: bool) -> None:
             target = CPU_TARGETS.get(name) if cpu and arch == "dense" else None
             check = "" if target is None else ("yes" if ratio <= target else "NO")
             print(f"{arch:6} {name:20} {rate:10.0f} {ratio:7.3f} {of:<6} {target or '':>7}  {check}")
+        for name, v in r.get("variants", {}).items():
+            print(f"{arch:6} {'joint, ' + name:20} {v['samples_per_s']:10.0f} {v['speedup']:7.3f} {'faster':<6}"
+                  f"          (first 2 steps {v['warmup_s']:.1f} s)")
+        print(f"{arch:6} a default run's steps and target passes at these rates: "
+              f"{r['full_run_estimate_s'] / 60:.1f} min")
         print(f"{arch:6} {r['bare']['rounds']} rounds of {r['bare']['steps_per_block']} step(s); bench's peak "
               f"memory {r['peak_memory_mb']:.0f} MB ({'RSS' if cpu else 'max_memory_allocated'})"
               + (f"; target distribution and eval extrapolated from {td['images_timed']} and "
@@ -238,6 +300,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="most timing rounds per model (0: by device)")
     ap.add_argument("--default-run", choices=["auto", "yes", "no"], default="auto",
                     help="measure a default dense run's peak RSS in a child (auto: if it fits in 5 minutes)")
+    ap.add_argument("--variants", choices=["auto", "yes", "no"], default="auto",
+                    help="also time the joint step with compile, amp and both (auto: on a GPU only; compiling "
+                         "takes minutes on a CPU)")
     ap.add_argument("--child", metavar="LOGDIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -256,7 +321,8 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         # Conv steps take seconds on a CPU: few rounds, each at least 3 and stopped after the time budget.
         rounds = args.rounds or (3 if cpu and conv else 20)
-        result[arch] = bench_arch(conv, data, device, rounds, budget_s=30 if cpu else 60)
+        variants = args.variants == "yes" or (args.variants == "auto" and not cpu)
+        result[arch] = bench_arch(conv, data, device, rounds, budget_s=30 if cpu else 20, variants=variants)
         result[arch]["peak_memory_mb"] = peak_rss_mb() if cpu else torch.cuda.max_memory_allocated(device) / 2 ** 20
         print(f"bench: {arch} timed, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     result["peak_memory_mb"] = max(result[a]["peak_memory_mb"] for a in ("dense", "conv"))

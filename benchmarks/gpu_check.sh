@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks and timings in one go, capped at 8 minutes in all (about 6 expected on one H200):
+#   1. the compile and amp switches give the plain losses and gradients with this GPU's kernels (tests);
+#   2. benchmarks/bench.py on the GPU, with the joint step under compile, amp and both (what each buys);
+#   3. a full default dense MNIST run (three phases, 56,950 steps, final evaluation), wall-clock timed.
+# The conv run's time is the bench's conv joint rate extrapolated over its 56,950 steps.
+#
+#   DPSOM_DATA_DIR=path/to/data bash benchmarks/gpu_check.sh [OUTPUT_FOLDER]
+#
+# Needs requirements.txt's packages with a CUDA build of torch. Each stage's log lands in OUTPUT_FOLDER
+# (default gpu_check); a stage over its cap is stopped and reported, and the next one still runs.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+DATA=${DPSOM_DATA_DIR:-../shared/data}
+OUT=${1:-gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+stage() {   # stage NAME CAP_SECONDS COMMAND...
+    local name=$1 cap=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$cap" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo " (stopped at its cap of $cap s)")" \
+        | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/summary.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+
+DPSOM_TEST_DEVICE=cuda DPSOM_DATA_DIR="$DATA" stage switches 90 python -m pytest -q tests/test_speed_switches.py
+stage bench 210 python benchmarks/bench.py --device cuda --data-dir "$DATA" --variants yes --default-run no
+stage dense_run 180 python dpsom.py with data_dir="$DATA" validation=True device=cuda logdir="$OUT/dense_run"
+grep -E "^(nmi|purity)|nmi: " "$OUT/dense_run.log" | tail -n 1 | tee -a "$OUT/summary.txt"
