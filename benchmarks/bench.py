@@ -258,13 +258,14 @@ def child(logdir: str, data_dir: str | None, device: str) -> None:
 
 
 def print_table(result: dict, n_train: int, cpu: bool) -> None:
-    print(f"device {result['device']}, batch {result['dense']['bare']['batch_size']}; each ratio is to a bare "
+    archs = [a for a in ("dense", "conv") if a in result]
+    print(f"device {result['device']}, batch {result[archs[0]]['bare']['batch_size']}; each ratio is to a bare "
           f"forward + backward + Adam step timed beside it")
     if max(result["load_avg"]) > os.cpu_count():
         print(f"busy machine (load {max(result['load_avg']):.1f} on {os.cpu_count()} cores): "
               f"the seconds are inflated, the ratios much less so")
     print(f"{'model':6} {'phase':20} {'samples/s':>10} {'ratio':>7} {'of':<6} {'target':>7}  ok")
-    for arch in ("dense", "conv"):
+    for arch in archs:
         r = result[arch]
         rows = [("bare", r["bare"]["samples_per_s"], 1.0, "bare")]
         rows += [(n, r[n]["samples_per_s"], r[n]["ratio_to_bare"], "bare") for n in PHASES]
@@ -303,6 +304,7 @@ def main() -> None:
     ap.add_argument("--variants", choices=["auto", "yes", "no"], default="auto",
                     help="also time the joint step with compile, amp and both (auto: on a GPU only; compiling "
                          "takes minutes on a CPU)")
+    ap.add_argument("--arch", choices=["both", "dense", "conv"], default="both", help="which model(s) to time")
     ap.add_argument("--child", metavar="LOGDIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -314,7 +316,8 @@ def main() -> None:
     data = get_data(args.data_dir)
     result = {"device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({torch.get_num_threads()} threads)",
               "load_avg": [os.getloadavg()[0]]}
-    for arch, conv in (("dense", False), ("conv", True)):
+    archs = [(a, a == "conv") for a in ("dense", "conv") if args.arch in ("both", a)]
+    for arch, conv in archs:
         if cpu:
             peak_rss_mb(reset=True)
         else:
@@ -325,12 +328,12 @@ def main() -> None:
         result[arch] = bench_arch(conv, data, device, rounds, budget_s=30 if cpu else 20, variants=variants)
         result[arch]["peak_memory_mb"] = peak_rss_mb() if cpu else torch.cuda.max_memory_allocated(device) / 2 ** 20
         print(f"bench: {arch} timed, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    result["peak_memory_mb"] = max(result[a]["peak_memory_mb"] for a in ("dense", "conv"))
+    result["peak_memory_mb"] = max(result[a]["peak_memory_mb"] for a, _ in archs)
     # One joint epoch and its two target-distribution passes at the dense speed just measured, plus a
     # margin for what train() adds (start-up, monitoring, evaluation, checkpoint).
-    dense = result["dense"]
+    dense = result.get("dense")
     estimate = 1.5 * (10 + len(data["x_train"]) / dense["joint"]["samples_per_s"]
-                      + 1.2 * dense["target_distribution"]["seconds"])
+                      + 1.2 * dense["target_distribution"]["seconds"]) if dense else float("inf")
     if args.default_run == "yes" or (args.default_run == "auto" and time.perf_counter() - t0 + estimate < 270):
         result["default_dense_run"] = default_run(args.data_dir, args.device)
         print(f"bench: default dense run measured, {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -7,13 +7,15 @@
 #
 #   DPSOM_DATA_DIR=path/to/data bash benchmarks/gpu_check.sh [OUTPUT_FOLDER]
 #
-# Needs requirements.txt's packages with a CUDA build of torch. Each stage's log lands in OUTPUT_FOLDER
-# (default gpu_check); a stage over its cap is stopped and reported, and the next one still runs.
+# Needs requirements.txt's packages with a CUDA build of torch, under $PYTHON (default python3). Each
+# stage's log lands in OUTPUT_FOLDER (default gpu_check); a stage over its cap is stopped and reported,
+# and the next one still runs.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DATA=${DPSOM_DATA_DIR:-../shared/data}
 OUT=${1:-gpu_check}
 mkdir -p "$OUT"
+PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
 stage() {   # stage NAME CAP_SECONDS COMMAND...
@@ -28,9 +30,9 @@ stage() {   # stage NAME CAP_SECONDS COMMAND...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/summary.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
 
-DPSOM_TEST_DEVICE=cuda DPSOM_DATA_DIR="$DATA" stage switches 90 python -m pytest -q tests/test_speed_switches.py
-stage bench 210 python benchmarks/bench.py --device cuda --data-dir "$DATA" --variants yes --default-run no
-stage dense_run 180 python dpsom.py with data_dir="$DATA" validation=True device=cuda logdir="$OUT/dense_run"
+DPSOM_TEST_DEVICE=cuda DPSOM_DATA_DIR="$DATA" stage switches 90 "$PY" -m pytest -q tests/test_speed_switches.py
+stage bench 210 "$PY" benchmarks/bench.py --device cuda --data-dir "$DATA" --variants yes --default-run no
+stage dense_run 180 "$PY" dpsom.py with data_dir="$DATA" validation=True device=cuda logdir="$OUT/dense_run"
 grep -E "^(nmi|purity)|nmi: " "$OUT/dense_run.log" | tail -n 1 | tee -a "$OUT/summary.txt"
