@@ -66,6 +66,7 @@ def config():
     decay_factor = 0.99              # lr *= decay_factor every decay_steps global steps (staircase)
     decay_steps = 1000               # the reference's effective value: its configured 5000 was never passed on
     val_epochs = False               # evaluate every 10 joint epochs as well as at the end
+    seed = 2020                      # the reference's seed; Sacred seeds Python, NumPy and torch from it
     more_runs = False                # repeat the whole training n_runs times with seeds seed, seed+1, ...
     n_runs = 10                      # runs when more_runs is set; mean and std are reported
     posterior = "diag"               # "diag" (mu, logvar heads) or "tril" (the reference's full covariance)
@@ -100,12 +101,14 @@ def conv():
 
 @ex.named_config
 def quick():
-    # a few minutes on a 2-core CPU: 15,000 training images, shorter phases, validation split
-    max_train_samples = 15000
+    # under 10 minutes on a 2-core CPU: all training images, short phases, validation split. A 32-dim latent
+    # space and a joint learning rate of 0.002 reach purity 0.9 within these epochs; 100 and 0.001 do not
     validation = True
-    epochs_pretrain = 8
+    latent_dim = 32
+    epochs_pretrain = 5
     som_epochs = 1
-    num_epochs = 12
+    num_epochs = 20
+    learning_rate = 0.002
 
 
 @ex.named_config

@@ -112,7 +112,7 @@ def test_command_line(tmp_path, data_dir):
     out = subprocess.run([sys.executable, "dpsom.py", "print_config", "with", "quick", "conv"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "max_train_samples = 15000" in out.stdout and "convolution = True" in out.stdout
+    assert "latent_dim = 32" in out.stdout and "convolution = True" in out.stdout and "seed = 2020" in out.stdout
     args = [f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in TINY.items()]
     out = subprocess.run([sys.executable, "dpsom.py", "-F", str(tmp_path / "sacred"), "with", *args,
                           f"data_dir={data_dir}", f"logdir={tmp_path / 'cli'}", "num_epochs=1", "som_learning_rates=[0.5]"],
