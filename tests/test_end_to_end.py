@@ -80,7 +80,8 @@ def test_save_and_use_saved_pretrain(tmp_path, data_dir):
 
 @pytest.mark.parametrize("key,value", [("data_set", "CIFAR"), ("som_dim", [8]), ("som_dim", [0, 8]),
                                        ("batch_size", 5000), ("beta", -1.0), ("gamma", -2), ("alpha", 0.0),
-                                       ("prior_var", 0), ("dropout", 1.0), ("adam", "sgd")])
+                                       ("prior_var", 0), ("dropout", 1.0), ("adam", "sgd"), ("amp", "yes"),
+                                       ("compile", 1)])
 def test_bad_config_fails_before_training(tmp_path, data_dir, key, value):
     with pytest.raises(ValueError, match=f"config {key}="):
         run(tmp_path, data_dir, **{key: value})

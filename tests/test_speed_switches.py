@@ -72,8 +72,7 @@ def test_amp_gives_the_float32_losses(batch, convolution):
 
 
 def test_amp_runs_the_layers_in_bfloat16_and_returns_float32(batch):
-    model = make(False)
-    model.amp = True
+    model = dpsom.build_model({**dpsom.config(fixed={}), "latent_dim": 16, "amp": True}).to(DEVICE)   # the config key
     seen = []
     hook = model.encoder[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     out = model(batch)
