@@ -101,7 +101,7 @@ def conv():
 
 @ex.named_config
 def quick():
-    # 8 to 9 minutes on a 2-core CPU: all training images, short phases, validation split. A 32-dim latent
+    # 8 to 9.5 minutes on a 2-core CPU: all training images, short phases, validation split. A 32-dim latent
     # space and a joint lr of 0.002 bring purity to 0.88-0.91 in these epochs, 100 and 0.001 to 0.88-0.89;
     # the 0.9 target needs more joint epochs than 10 minutes hold (README, Measured)
     validation = True
