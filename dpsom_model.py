@@ -256,10 +256,12 @@ class DPSOM(nn.Module):
         """Standard-SOM loss of phase 2: commitment to the BMU plus pull of the BMU's neighbourhood."""
         z = z.detach()                                               # reference: stop_gradient(sample_z_e)
         E = self.embeddings.view(-1, self.latent_dim)                # (H*W, D)
-        k = dist.argmin(dim=1)                                       # (B,)
-        commit = ((z - E[k]) ** 2).mean()
-        index, exists = self.bmu_neighbours(k)                       # (B, 5)
-        sq = ((z.unsqueeze(1) - E[index]) ** 2).mean(-1)             # (B, 5)
+        index, exists = self.bmu_neighbours(dist.argmin(dim=1))      # (B, 5): BMU k, then its neighbours
+        # E[index] would do, but its backward scatter-adds into E in a thread-dependent order on the CPU (runs
+        # would not repeat bit for bit); a product with one-hot rows selects exactly and sums in a fixed order.
+        selected = F.one_hot(index, E.shape[0]).to(E.dtype) @ E      # (B, 5, D)
+        sq = ((z.unsqueeze(1) - selected) ** 2).mean(-1)             # (B, 5)
+        commit = sq[:, 0].mean()                                     # ||z - E_k||^2 / D, mean over the batch
         som = (sq * exists).sum() / exists.sum()                     # mean over existing neighbours
         return commit + som
 

@@ -1,32 +1,56 @@
-"""Run the Sacred entry point, sending this process a real SIGTERM right after global step N.
+"""Run the Sacred entry point, sending this process a real SIGTERM at a chosen moment.
 
-    python tests/interrupt_at.py N <dpsom.py command-line arguments>
+    python tests/interrupt_at.py MOMENT <dpsom.py command-line arguments>
+
+MOMENT is `step:N`, right after global step N (counted over the whole run, resumes included), or
+`PLACE:K`, inside the K-th call in this process of one of PLACES: the target-distribution pass, the
+evaluation, the pictures, or the write of a checkpoint (the signal arrives before its bytes are written).
 """
 import os
 import signal
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpsom  # noqa: E402
 
-stop_at, step = int(sys.argv.pop(1)), {"n": 0}
-real_train, real_step = dpsom.train, dpsom.train_step
+PLACES = {"target_distribution": dpsom, "evaluate_model": dpsom, "log_pictures": dpsom, "save": torch}
+where, count = sys.argv.pop(1).split(":")
+count, calls = int(count), {"n": 0}
 
 
-def counting_train(c, data, device, logdir, run, resume=None):
-    step["n"] = resume["global_step"] if resume else 0
-    return real_train(c, data, device, logdir, run, resume)
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
-def killing_step(*args):
-    parts = real_step(*args)
-    step["n"] += 1
-    if step["n"] == stop_at:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return parts
+if where == "step":
+    real_train, real_step = dpsom.train, dpsom.train_step
 
+    def counting_train(c, data, device, logdir, run, resume=None):
+        calls["n"] = resume["global_step"] if resume else 0
+        return real_train(c, data, device, logdir, run, resume)
 
-dpsom.train, dpsom.train_step = counting_train, killing_step
+    def killing_step(*args):
+        parts = real_step(*args)
+        calls["n"] += 1
+        if calls["n"] == count:
+            sigterm()
+        return parts
+
+    dpsom.train, dpsom.train_step = counting_train, killing_step
+else:
+    owner = PLACES[where]
+    real = getattr(owner, where)
+
+    def killing_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == count:
+            sigterm()
+        return real(*args, **kwargs)
+
+    setattr(owner, where, killing_call)   # torch.save: checkpoint.save_checkpoint's only call of it
+
 sys.argv[0] = "dpsom.py"
 try:
     dpsom.ex.run_commandline()
