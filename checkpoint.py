@@ -63,22 +63,34 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
     raise FileNotFoundError("no usable checkpoint: " + "; ".join(failures))
 
 
-# Keys that may differ between a checkpoint's run and the run that resumes it.
+# Keys a resumed run may change; every other key keeps the checkpoint's value.
 RESUMABLE_CHANGES = {"resume", "logdir", "device", "compile", "data_dir", "log_every", "num_epochs", "val_epochs",
                      "seed", "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
 
 
-def check_resumable(c: dict, saved: dict) -> None:
-    """Refuse a checkpoint written under another config, naming every key that differs."""
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {c[k]!r}" for k in sorted(c)
-            if k not in RESUMABLE_CHANGES and saved.get(k) != c[k]]
+def resumed_config(saved: dict, c: dict, given: set[str]) -> dict:
+    """The config a resumed run continues with: the checkpoint's own, with the keys given on the command line
+    that may change (RESUMABLE_CHANGES). A given key that may not change and differs is refused, by name."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {c[k]!r}" for k in sorted(given & c.keys())
+            if k not in RESUMABLE_CHANGES and k in saved and saved[k] != c[k]]
     if diff:
-        raise ValueError("config resume: the checkpoint was written with another config ("
-                         + "; ".join(diff) + "). Run again with the checkpoint's values.")
+        raise ValueError(f"config resume={c['resume']!r}: the checkpoint was written with another config ("
+                         + "; ".join(diff) + "). Leave these keys out: the run continues with the checkpoint's "
+                         f"values. Keys that may change: {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'checkpoint'}))}.")
+    resumed = {**c, **saved}                                    # keys the checkpoint predates keep today's defaults
+    resumed.update({k: c[k] for k in given & RESUMABLE_CHANGES})
+    resumed.update(resume=c["resume"], more_runs=False)         # a run of a more_runs set continues on its own
+    return resumed
 
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once."""
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once.
+
+    hint: what to tell a user whose second signal aborted the run (where its last checkpoint is).
+    """
+
+    def __init__(self, hint: str = ""):
+        self.hint = hint
 
     def __enter__(self):
         self.signum, self.previous = None, {}
@@ -88,7 +100,8 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Aborted(f"aborted by a second {signal.Signals(signum).name} before this step's checkpoint was "
+                          f"written; {self.hint}")
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -99,3 +112,7 @@ class StopRequest:
 class Interrupted(KeyboardInterrupt):
     """Stopped by a signal after writing a checkpoint; Sacred records the run as INTERRUPTED."""
     STATUS = "INTERRUPTED"
+
+
+class Aborted(Interrupted):
+    """Stopped by a second signal without writing a checkpoint: the last one written stays."""

@@ -12,6 +12,8 @@ import math
 import os
 import signal
 import sys
+import time
+import uuid
 import warnings
 from datetime import datetime
 
@@ -19,17 +21,19 @@ import numpy as np
 import torch
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # raised inside Sacred 0.8.7
 from sacred import Experiment  # noqa: E402
-from sacred.utils import apply_backspaces_and_linefeeds
+from sacred.randomness import set_global_seed
+from sacred.utils import SacredError, apply_backspaces_and_linefeeds
 from google.protobuf import text_format
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
-from checkpoint import Interrupted, StopRequest, check_resumable, checkpoint_state, load_checkpoint, save_checkpoint
+from checkpoint import (Interrupted, StopRequest, checkpoint_state, load_checkpoint, resumed_config,
+                        save_checkpoint)
 from decay_scheduler import decayed_lr, set_lr
 from dpsom_model import DPSOM
-from mnist_data import DATASETS, load_data
+from mnist_data import DATASETS, DataError, load_data
 from tf1_adam import TF1Adam
 from utils import (clustering_metrics, heatmap, image_grid, label_map, map_usage, node_statistics,
                    quantization_error, reconstruction_errors, topographic_error, u_matrix)
@@ -79,12 +83,13 @@ def config():
     amp = False                      # bf16 autocast of encoder/decoder layers; posterior head, SOM, losses stay float32
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
     arch = "conv" if convolution else "dense"
-    logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}")  # run folder
+    logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}_{uuid.uuid4().hex[:6]}")  # run folder
     save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
     use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
-    resume = None                    # checkpoint file or run folder to continue (same config otherwise)
-    deterministic = False            # deterministic algorithms only (slower on GPU; CPU runs are already repeatable)
-    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{'x'.join(map(str, som_dim))}.pt")
+    resume = None                    # checkpoint file or run folder to continue, with the checkpoint's config
+    deterministic = False            # deterministic algorithms only (for GPUs; CPU runs already repeat bit for bit)
+    grid = "x".join(map(str, som_dim)) if isinstance(som_dim, (list, tuple)) else som_dim
+    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{grid}.pt")
     checkpoint = None                # the evaluate command: checkpoint file or run folder to evaluate
 
 
@@ -124,11 +129,23 @@ def tf_original():
 
 
 # ---- configuration checks -----------------------------------------------------------------------------
+class SetupError(SacredError, ValueError):
+    """A config value or data file that cannot work: Sacred prints the message alone, without a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_traceback=False)
+
+
+BOOLEAN_KEYS = ("validation", "convolution", "toroidal", "val_epochs", "more_runs", "leaky_logits", "eval_sample",
+                "compile", "amp", "save_pretrain", "use_saved_pretrain", "deterministic")
+ARCHITECTURE_KEYS = ("data_set", "convolution", "latent_dim", "som_dim", "posterior", "batchnorm", "adam")
+
+
 def check_config(c: dict, n_train: int | None = None) -> None:
     """Fail before training, naming the key, on a config value that cannot work."""
     def need(ok, key, what):
         if not ok:
-            raise ValueError(f"config {key}={c[key]!r}: {what}")
+            raise SetupError(f"config {key}={c[key]!r}: {what}")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     need(c["data_set"] in DATASETS, "data_set", f"must be one of {sorted(DATASETS)}")
     need(isinstance(c["som_dim"], (list, tuple)) and len(c["som_dim"]) == 2
@@ -151,11 +168,16 @@ def check_config(c: dict, n_train: int | None = None) -> None:
     need(c["posterior"] in ("diag", "tril"), "posterior", "must be 'diag' or 'tril'")
     need(c["batchnorm"] in ("standard", "frozen"), "batchnorm", "must be 'standard' or 'frozen'")
     need(c["adam"] in ("torch", "tf1"), "adam", "must be 'torch' or 'tf1'")
-    for key in ("compile", "amp", "toroidal", "convolution", "validation", "val_epochs", "eval_sample"):
-        need(isinstance(c[key], bool), key, "must be True or False")
+    for key in BOOLEAN_KEYS:   # Sacred passes `key=false` as the string 'false', which would count as True
+        need(isinstance(c[key], bool), key, "must be True or False (Python's spelling)")
     need(not c["more_runs"] or (is_int(c["n_runs"]) and c["n_runs"] > 0), "n_runs", "must be a positive integer")
     need(not c["use_saved_pretrain"] or os.path.exists(c["pretrain_path"]), "pretrain_path",
          "does not exist; run once with save_pretrain=True first")
+    if c["use_saved_pretrain"] and n_train is None:
+        saved = torch.load(c["pretrain_path"], map_location="cpu", weights_only=False)["config"]
+        differ = [f"{k}: saved {saved.get(k)!r}, now {c[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != c[k]]
+        need(not differ, "pretrain_path", "was saved by another model (" + "; ".join(differ)
+             + "); use those values, or save_pretrain=True with this config and another pretrain_path")
     if n_train is not None:
         need(c["batch_size"] <= n_train, "batch_size", f"is larger than the {n_train} training images")
 
@@ -163,15 +185,21 @@ def check_config(c: dict, n_train: int | None = None) -> None:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SetupError(f"config device={name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config device={name!r}: CUDA is not available here")
+        raise SetupError(f"config device={name!r}: CUDA is not available here; use device=cpu")
     return device
 
 
 # ---- training ---------------------------------------------------------------------------------------
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(SacredError, RuntimeError):
+    """A loss became NaN or infinite: the run stops, its last checkpoint stays."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_traceback=False)
 
 
 def build_model(c: dict) -> DPSOM:
@@ -215,13 +243,15 @@ class StepStats:
         self.sum += values
         self.n += 1
 
-    def check(self, phase: str, epoch: int) -> None:
+    def check(self, phase: str, epoch: int, ckpt_path: str) -> None:
         """Stop on a non-finite loss, naming the phase, epoch, step and the terms that went bad."""
         step = int(self.bad_step)
         if step >= 0:
             terms = [k for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v)]
+            kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
+                    else "no checkpoint had been written yet")
             raise NonFiniteLoss(f"non-finite loss in phase {phase}, epoch {epoch}, global step {step} "
-                                f"(terms: {', '.join(terms)}); the last good checkpoint is kept")
+                                f"(terms: {', '.join(terms)}); {kept}")
 
     def pop_means(self) -> dict:
         means = dict(zip(self.names, (self.sum / self.n).tolist()))
@@ -381,8 +411,12 @@ def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray, c: d
         log.embedding(phase, out["z"][:n].cpu(), y[:n], bmu[:n], x[:n].view(-1, 1, 28, 28).cpu(), step)
 
 
-def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None) -> dict:
-    """All three phases with one optimiser and one global step; returns the final metrics."""
+def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None,
+          how_to_continue: str | None = None) -> dict:
+    """All three phases with one optimiser and one global step; returns the final metrics.
+
+    how_to_continue: what a stop message tells the user (default: the resume command for logdir).
+    """
     model = build_model(c).to(device)
     opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
     loss_fn = torch.compile(phase_loss) if c["compile"] else phase_loss   # one graph per phase, made at its start
@@ -408,10 +442,12 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     ckpt_path = os.path.join(logdir, "checkpoint.pt")
     x_mon = x_eval[:B]                                                 # fixed monitoring batch
     bar, bar_phase, metrics = None, None, {}
+    how_to_continue = how_to_continue or f"continue with: python dpsom.py with resume={logdir}"
     model.train()
-    with StopRequest() as stop:
+    with StopRequest(f"the last checkpoint ({ckpt_path}, end of the last epoch) is kept; {how_to_continue}") as stop:
         for index in range(start, len(plan)):
             phase, base_lr = plan[index]
+            started = time.perf_counter()
             epoch = [ph for ph, _ in plan[:index]].count(phase)        # epoch within its phase
             b0 = first_batch if index == start else 0
             if phase != bar_phase:
@@ -432,7 +468,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                 stats.add(train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr, loss_fn), global_step)
                 bar.update(1)
                 if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1 or stop.signum:
-                    stats.check(phase, epoch)
+                    stats.check(phase, epoch, ckpt_path)
                     means = stats.pop_means()
                     log.scalars(phase, {**means, "lr": lr, **monitor(model, phase, x_mon, p_mon)}, global_step)
                     bar.set_postfix(loss=f"{next(iter(means.values())):.4g}", refresh=False)
@@ -441,8 +477,8 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                                                                 epoch, targets if phase == "train" else None))
                     log.writer.close()
                     raise Interrupted(f"stopped by signal {signal.Signals(stop.signum).name} in phase {phase}, "
-                                      f"epoch {epoch}, global step {global_step}; checkpoint {ckpt_path}. "
-                                      f"Continue with: python dpsom.py with <same settings> resume={logdir}")
+                                      f"epoch {epoch}, global step {global_step}; checkpoint {ckpt_path}; "
+                                      f"{how_to_continue}")
             last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
             if phase == "train" and (last_of_phase or (c["val_epochs"] and (epoch + 1) % 10 == 0)):
                 metrics = evaluate_model(model, x_eval, data["y_eval"], B, c["eval_sample"])[0]
@@ -453,6 +489,9 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
             save_checkpoint(ckpt_path, state)
             if phase == "som_init" and last_of_phase and c["save_pretrain"]:
                 save_checkpoint(c["pretrain_path"], state)
+            if bar.disable:   # no terminal (a file, nohup, Sacred's capture): one line an epoch instead of the bar
+                print(progress_line(plan, index, epoch, steps_per_epoch - b0, B, time.perf_counter() - started,
+                                    global_step, steps_per_epoch, means), flush=True)
     if bar is not None:
         bar.close()
     if not metrics:   # no joint epochs left to run: evaluate what the weights give
@@ -461,6 +500,17 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     log.hparams(c, metrics)
     log.writer.close()
     return metrics
+
+
+def progress_line(plan: list, index: int, epoch: int, steps: int, batch_size: int, seconds: float, global_step: int,
+                  steps_per_epoch: int, means: dict) -> str:
+    """phase, epoch/total, global step, the epoch's last logged loss, samples/s, and the time left at this pace."""
+    phase = plan[index][0]
+    left = (len(plan) - index - 1) * steps_per_epoch * seconds / max(steps, 1)
+    return (f"{phase} epoch {epoch + 1}/{[ph for ph, _ in plan].count(phase)}  step {global_step}/"
+            f"{len(plan) * steps_per_epoch}  loss {next(iter(means.values())):.4g}  "
+            f"{steps * batch_size / seconds:.0f} samples/s  ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:"
+            f"{int(left % 60):02d}")
 
 
 @torch.no_grad()
@@ -476,8 +526,21 @@ def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -
     return {f"val_{k}": v for k, v in parts.items()}
 
 
+def given_keys(run) -> set[str]:
+    """The config keys set on the command line (or by config_updates), whatever their value."""
+    updates = run.meta_info.get("options", {}).get("UPDATE") or []
+    return set(run.config_modifications.modified) | {u.split("=", 1)[0] for u in updates if "=" in u}
+
+
+def load_data_or_explain(c: dict, **sizes) -> dict:
+    try:
+        return load_data(c["data_set"], c["data_dir"], c["validation"], **sizes)
+    except DataError as e:
+        raise SetupError(f"data: {e}") from None
+
+
 @ex.command
-def evaluate(_config: dict) -> dict:
+def evaluate(_config: dict, _run) -> dict:
     """Evaluate a saved model without training: python dpsom.py evaluate with checkpoint=PATH [data_dir=...].
 
     The model and the evaluation settings (data set, validation or test set, max_eval_samples, eval_sample,
@@ -486,16 +549,21 @@ def evaluate(_config: dict) -> dict:
     bmu and label) into the checkpoint's run folder.
     """
     if _config["checkpoint"] is None:
-        raise ValueError("config checkpoint=None: give the checkpoint file or run folder to evaluate")
+        raise SetupError("config checkpoint=None: give the checkpoint file or run folder to evaluate")
     device = pick_device(_config["device"])
     try:
         state = load_checkpoint(_config["checkpoint"], device)
     except FileNotFoundError as e:
-        raise ValueError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
-    c = {**_config, **state["config"]}   # keys the checkpoint predates keep this command's defaults
+        raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+    ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "device"}
+                     if state["config"].get(k, _config[k]) != _config[k])
+    if ignored:
+        print(f"evaluate uses the checkpoint's own config; ignored: "
+              + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
+    c = {**_config, **state["config"], "data_dir": _config["data_dir"]}   # keys it predates keep the defaults
     model = build_model(c).to(device)
     model.load_state_dict(state["model"])
-    data = load_data(c["data_set"], _config["data_dir"], c["validation"], max_eval_samples=c["max_eval_samples"])
+    data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
     x = torch.as_tensor(data["x_eval"], device=device)
     metrics, bmu = evaluate_model(model, x, data["y_eval"], c["batch_size"], c["eval_sample"])
     split = "validation" if c["validation"] else "test"
@@ -513,40 +581,57 @@ def evaluate(_config: dict) -> dict:
 
 
 @ex.main
-def main(_config: dict, _run, _seed: int) -> dict:
+def main(_config: dict, _run) -> dict:
     c = dict(_config)
+    resume = None
+    if c["resume"] is not None:   # the run continues with its checkpoint's config, in its own folder
+        if c["more_runs"] is True and "more_runs" in given_keys(_run):
+            raise SetupError("config resume: cannot be combined with more_runs=True; resume one run's folder")
+        try:
+            resume = load_checkpoint(c["resume"], pick_device(c["device"]))
+        except FileNotFoundError as e:
+            raise SetupError(f"config resume={c['resume']!r}: {e}") from None
+        try:
+            c = resumed_config(resume["config"], c, given_keys(_run))
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))
+        print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])
+    if c["amp"] and device.type == "cpu":
+        print("warning: amp=True on a CPU runs bf16 autocast, about 13 times slower than float32 on CPUs without "
+              "bf16 arithmetic; it is meant for GPUs", file=sys.stderr)
     if c["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    resume = None
-    if c["resume"] is not None:
-        if c["more_runs"]:
-            raise ValueError("config resume: cannot be combined with more_runs")
-        try:
-            resume = load_checkpoint(c["resume"], device)
-        except FileNotFoundError as e:
-            raise ValueError(f"config resume={c['resume']!r}: {e}") from None
-        check_resumable(c, resume["config"])
-        c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))   # the run continues in its own folder
-        print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
-    data = load_data(c["data_set"], c["data_dir"], c["validation"], c["max_train_samples"], c["max_eval_samples"])
+    runs = [("", c["seed"])] if not c["more_runs"] else [(f"run{i}", c["seed"] + i) for i in range(c["n_runs"])]
+    for sub, _ in runs:
+        taken = os.path.join(c["logdir"], sub, "checkpoint.pt")
+        if resume is None and os.path.exists(taken):
+            raise SetupError(f"config logdir={c['logdir']!r}: {taken} holds another run; continue it with "
+                             f"resume={os.path.dirname(taken)}, or choose another logdir (the default is a new folder)")
+    data = load_data_or_explain(c, max_train_samples=c["max_train_samples"], max_eval_samples=c["max_eval_samples"])
     check_config(c, n_train=len(data["x_train"]))
     print(f"DPSOM on {c['data_set']} ({c['arch']}), {len(data['x_train'])} training images, "
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} images, device {device}, "
           f"logdir {c['logdir']}")
-    if not c["more_runs"]:
-        result = train(c, data, device, c["logdir"], _run, resume)
-    else:
-        runs = []
-        for i in range(c["n_runs"]):
-            torch.manual_seed(_seed + i)   # Sacred seeded run 0; each further run gets the next seed
-            runs.append(train(c, data, device, os.path.join(c["logdir"], f"run{i}"), _run))
-        result = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-        result.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in runs[0]})
-        result["runs"] = runs
+    results = []
+    for i, (sub, seed) in enumerate(runs):
+        logdir = os.path.join(c["logdir"], sub)
+        hint = None
+        if c["more_runs"]:   # each run is exactly the single run with its seed
+            set_global_seed(seed)
+            later = ", ".join(str(s) for _, s in runs[i + 1:])
+            hint = (f"continue this run ({i + 1} of {len(runs)}, seed {seed}) with: python dpsom.py with resume={logdir}"
+                    + (f"; the runs with seeds {later} were not started" if later else ""))
+        results.append(train({**c, "seed": seed}, data, device, logdir, _run, resume, hint))
+    result = results[0]
+    if c["more_runs"]:
+        result = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+        result.update({f"{k}_std": float(np.std([r[k] for r in results])) for k in results[0]})
+        result["runs"] = results
     print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     return result
 
@@ -554,6 +639,6 @@ def main(_config: dict, _run, _seed: int) -> dict:
 if __name__ == "__main__":
     try:
         ex.run_commandline()
-    except Interrupted as e:
+    except Interrupted as e:   # a checkpoint was written (or, after a second signal, the last one is kept)
         print(e, file=sys.stderr)
         sys.exit(130)

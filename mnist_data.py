@@ -67,13 +67,13 @@ def download(data_set: str, folder: str) -> None:
     if not missing:
         return
     how = (f"Put {', '.join(s + '.gz' for s in missing)} into {os.path.abspath(folder)} "
-           f"(or set data_dir to a folder holding {DATASETS[data_set][0]}/ with them).")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder)
-        probe.close()
-    except OSError as e:
-        raise DataError(f"missing {data_set} files and cannot write to {folder}: {e}. {how}") from e
+           f"(or set data_dir to a folder holding {DATASETS[data_set][0]}/ with them, or to that folder itself).")
+    existing = folder                              # nothing is created unless a file arrives
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise DataError(f"missing {data_set} files and cannot write to {folder} ({existing} is not a writable "
+                        f"folder). {how}")
     for stem in missing:
         errors = []
         for mirror in mirrors:
@@ -86,6 +86,7 @@ def download(data_set: str, folder: str) -> None:
             if hashlib.md5(blob).hexdigest() != files[stem][0]:
                 errors.append(f"{mirror}: MD5 mismatch")
                 continue
+            os.makedirs(folder, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, delete=False) as tmp:
                 tmp.write(blob)
             os.replace(tmp.name, os.path.join(folder, stem + ".gz"))
@@ -94,11 +95,17 @@ def download(data_set: str, folder: str) -> None:
             raise DataError(f"cannot download {stem}.gz ({'; '.join(errors)}). {how}")
 
 
+def idx_folder(data_set: str, data_dir: str) -> str:
+    """data_dir/mnist (or fashion-mnist), or data_dir itself when it already holds the four files."""
+    holds = lambda stem: any(os.path.exists(os.path.join(data_dir, stem + ext)) for ext in (".gz", ""))
+    return data_dir if all(map(holds, DATASETS[data_set][2])) else os.path.join(data_dir, DATASETS[data_set][0])
+
+
 @functools.lru_cache(maxsize=2)   # repeated runs in one process (more_runs, tests) read the files once
 def read_dataset(data_set: str, data_dir: str) -> dict[str, np.ndarray]:
     """The 4 IDX arrays of data_set, downloaded first where missing, each checked against its MD5."""
-    sub, _, files = DATASETS[data_set]
-    folder = os.path.join(data_dir, sub)
+    folder = idx_folder(data_set, data_dir)
+    files = DATASETS[data_set][2]
     download(data_set, folder)
     return {s: read_idx(folder, s, 3 if "images" in s else 1, files[s][1]) for s in files}
 
@@ -110,7 +117,7 @@ def load_data(data_set: str, data_dir: str, validation: bool, max_train_samples:
     Each image is divided by its own maximum pixel; the split is the reference's
     train_test_split(test_size=0.15, random_state=42) of the 60,000 official training images.
     """
-    folder = os.path.join(data_dir, DATASETS[data_set][0])
+    folder = idx_folder(data_set, data_dir)
     arrays = read_dataset(data_set, data_dir)
     for part in ("train", "t10k"):
         images, labels = arrays[f"{part}-images-idx3-ubyte"], arrays[f"{part}-labels-idx1-ubyte"]

@@ -5,6 +5,7 @@
 MOMENT is `step:N`, right after global step N (counted over the whole run, resumes included), or
 `PLACE:K`, inside the K-th call in this process of one of PLACES: the target-distribution pass, the
 evaluation, the pictures, or the write of a checkpoint (the signal arrives before its bytes are written).
+`twice:MOMENT` sends two signals at that moment, as an impatient second Ctrl-C would.
 """
 import os
 import signal
@@ -16,20 +17,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpsom  # noqa: E402
 
 PLACES = {"target_distribution": dpsom, "evaluate_model": dpsom, "log_pictures": dpsom, "save": torch}
-where, count = sys.argv.pop(1).split(":")
+moment = sys.argv.pop(1)
+signals = 2 if moment.startswith("twice:") else 1
+where, count = moment.removeprefix("twice:").split(":")
 count, calls = int(count), {"n": 0}
 
 
 def sigterm():
-    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(signals):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if where == "step":
     real_train, real_step = dpsom.train, dpsom.train_step
 
-    def counting_train(c, data, device, logdir, run, resume=None):
+    def counting_train(c, data, device, logdir, run, resume=None, *rest):
         calls["n"] = resume["global_step"] if resume else 0
-        return real_train(c, data, device, logdir, run, resume)
+        return real_train(c, data, device, logdir, run, resume, *rest)
 
     def killing_step(*args):
         parts = real_step(*args)

@@ -106,3 +106,27 @@ def test_missing_files_offline_name_files_and_folder(small, monkeypatch):
     with pytest.raises(DataError) as e:
         mnist_data.load_data("MNIST", str(folder), True, None)
     assert "t10k-images-idx3-ubyte.gz" in str(e.value) and str(folder / "mnist") in str(e.value)
+
+
+def test_data_dir_may_be_the_folder_of_the_files(small, monkeypatch):
+    folder, arrays = small
+    d = mnist_data.load_data("MNIST", str(folder / "mnist"), True, None)      # the folder itself, not its parent
+    assert len(d["x_train"]) + len(d["x_eval"]) == len(arrays["train-labels-idx1-ubyte"])
+    empty = folder / "elsewhere"
+    empty.mkdir()
+    monkeypatch.setitem(mnist_data.DATASETS, "MNIST", ("mnist", ["http://127.0.0.1:9/"], mnist_data.DATASETS["MNIST"][2]))
+    mnist_data.read_dataset.cache_clear()
+    with pytest.raises(DataError, match="cannot download"):
+        mnist_data.load_data("MNIST", str(empty), True, None)
+    assert os.listdir(empty) == []                                           # a failed look-up creates nothing
+
+
+def test_data_tests_find_the_quick_starts_folder(tmp_path):
+    from conftest import find_data_dir
+    (tmp_path / "repo" / "data" / "mnist").mkdir(parents=True)
+    (tmp_path / "repo" / "data" / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    assert find_data_dir({}, str(tmp_path / "repo"))[0] == str(tmp_path / "repo" / "data")
+    assert find_data_dir({"DPSOM_DATA_DIR": str(tmp_path / "repo" / "data")}, str(tmp_path / "other"))[0] \
+        == str(tmp_path / "repo" / "data")
+    path, places = find_data_dir({}, str(tmp_path / "other"))
+    assert path is None and places[0] == str(tmp_path / "other" / "data")

@@ -81,9 +81,11 @@ def test_save_and_use_saved_pretrain(tmp_path, data_dir):
 @pytest.mark.parametrize("key,value", [("data_set", "CIFAR"), ("som_dim", [8]), ("som_dim", [0, 8]),
                                        ("batch_size", 5000), ("beta", -1.0), ("gamma", -2), ("alpha", 0.0),
                                        ("prior_var", 0), ("dropout", 1.0), ("adam", "sgd"), ("amp", "yes"),
-                                       ("compile", 1)])
+                                       ("compile", 1), ("more_runs", "false"), ("save_pretrain", "no"),
+                                       ("use_saved_pretrain", "false"), ("deterministic", "false"),
+                                       ("leaky_logits", "false"), ("device", "gpu"), ("som_dim", 8)])
 def test_bad_config_fails_before_training(tmp_path, data_dir, key, value):
-    with pytest.raises(ValueError, match=f"config {key}="):
+    with pytest.raises(dpsom.SetupError, match=f"config {key}="):
         run(tmp_path, data_dir, **{key: value})
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
 
@@ -121,3 +123,61 @@ def test_command_line(tmp_path, data_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "nmi:" in out.stdout and "purity:" in out.stdout
     assert os.path.exists(tmp_path / "sacred" / "1" / "metrics.json")
+
+
+def cli(tmp_path, *args, timeout=300):
+    return subprocess.run([sys.executable, "dpsom.py", "-F", str(tmp_path / "sacred"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_setup_errors_are_one_message_without_traceback(tmp_path, data_dir):
+    (tmp_path / "file").write_text("")
+    for args, says in [(["som_dim=8"], "config som_dim=8: must be two positive integers"),
+                       (["device=gpu"], "config device='gpu': not a device"),
+                       (["more_runs=false"], "config more_runs='false': must be True or False"),
+                       ([f"data_dir={tmp_path / 'file' / 'mnist'}"], "data: missing MNIST files and cannot write")]:
+        out = cli(tmp_path, "with", *args, f"logdir={tmp_path / 'run'}")
+        assert out.returncode == 1 and says in out.stderr, (args, out.stderr[-1500:])
+        assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_saved_pretrain_of_another_model_is_refused(tmp_path, data_dir):
+    run(tmp_path, data_dir, save_pretrain=True, num_epochs=0, logdir=str(tmp_path / "a"))
+    with pytest.raises(dpsom.SetupError, match=r"pretrain_path=.*another model \(latent_dim: saved 10, now 12\)"):
+        run(tmp_path, data_dir, use_saved_pretrain=True, latent_dim=12, logdir=str(tmp_path / "b"))
+
+
+def test_more_runs_are_the_single_runs_of_their_seeds(tmp_path, data_dir):
+    both = run(tmp_path, data_dir, more_runs=True, n_runs=2, seed=5, num_epochs=1, logdir=str(tmp_path / "m"))
+    for i, seed in enumerate((5, 6)):
+        single = run(tmp_path, data_dir, seed=seed, num_epochs=1, logdir=str(tmp_path / f"s{seed}"))
+        assert both.result["runs"][i] == single.result, seed
+    assert both.result["nmi"] == pytest.approx((both.result["runs"][0]["nmi"] + both.result["runs"][1]["nmi"]) / 2)
+
+
+def test_runs_never_share_a_folder(tmp_path, data_dir):
+    run(tmp_path, data_dir, num_epochs=0, som_learning_rates=[])
+    before = os.path.getmtime(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(dpsom.SetupError, match=r"holds another run; continue it with resume="):
+        run(tmp_path, data_dir, num_epochs=0, som_learning_rates=[])
+    assert os.path.getmtime(tmp_path / "run" / "checkpoint.pt") == before
+    folders = {dpsom.ex.run("print_config", options={"--loglevel": "ERROR"}).config["logdir"] for _ in range(3)}
+    assert len(folders) == 3                                              # same second, still three folders
+
+
+def test_amp_on_a_cpu_warns(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, amp=True, epochs_pretrain=0, som_learning_rates=[], num_epochs=0, device="cpu")
+    assert "amp=True on a CPU" in capsys.readouterr().err
+
+
+def test_progress_lines_without_a_terminal(tmp_path, data_dir):
+    args = [f"{k}={v}" for k, v in TINY.items()]
+    out = cli(tmp_path, "with", *args, f"data_dir={data_dir}", f"logdir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    captured = open(tmp_path / "sacred" / "1" / "cout.txt").read()       # Sacred's captured output
+    for text in (out.stdout, captured):
+        lines = [line for line in text.splitlines() if " epoch " in line and "samples/s" in line]
+        assert [line.split()[:3] for line in lines] == [["pretrain", "epoch", "1/1"], ["som_init", "epoch", "1/2"],
+                                                        ["som_init", "epoch", "2/2"], ["train", "epoch", "1/2"],
+                                                        ["train", "epoch", "2/2"]], text
+        assert "step 30/30" in lines[-1] and "ETA 0:00:00" in lines[-1]

@@ -88,6 +88,50 @@ def test_sigterm_at_any_moment_then_resume_gives_identical_results(tmp_path, dat
     assert out.stdout.splitlines()[-1] == straight.stdout.splitlines()[-1]     # the printed numbers
 
 
+def test_resume_alone_continues_with_the_checkpoints_config(tmp_path, data_dir):
+    logdir = tmp_path / "a"
+    out = cli(tmp_path, data_dir, logdir, "num_epochs=3", stop_at=20)          # 3 joint epochs, not the default 300
+    assert out.returncode == 130 and f"continue with: python dpsom.py with resume={logdir}" in out.stderr
+    again = lambda *extra: subprocess.run([sys.executable, "dpsom.py", "with", f"resume={logdir}", *extra], cwd=ROOT,
+                                          capture_output=True, text=True, timeout=300)
+    refused = again("latent_dim=12")
+    assert refused.returncode == 1 and "latent_dim: checkpoint 10, now 12" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = again("log_every=5")                                                 # a key that may change
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = torch.load(logdir / "checkpoint.pt", weights_only=False)
+    assert ckpt["global_step"] == 6 * (1 + 2 + 3) and ckpt["config"]["log_every"] == 5
+    straight = cli(tmp_path, data_dir, tmp_path / "b", "num_epochs=3")
+    assert straight.returncode == 0
+    assert_same_checkpoint(logdir / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
+
+
+def test_an_interrupted_more_runs_run_says_how_to_continue(tmp_path, data_dir):
+    out = cli(tmp_path, data_dir, tmp_path / "m", "more_runs=True", "n_runs=2", "num_epochs=1", stop_at=3)
+    assert out.returncode == 130
+    assert (f"continue this run (1 of 2, seed 1) with: python dpsom.py with resume={tmp_path / 'm' / 'run0'}; "
+            f"the runs with seeds 2 were not started") in out.stderr
+    done = subprocess.run([sys.executable, "dpsom.py", "with", f"resume={tmp_path / 'm' / 'run0'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_second_signal_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path, data_dir):
+    out = cli(tmp_path, data_dir, tmp_path / "a", stop_at="twice:step:8")
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert "aborted by a second SIGTERM" in out.stderr and "Traceback" not in out.stderr
+    assert f"resume={tmp_path / 'a'}" in out.stderr
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["global_step"] == 6   # end of pretraining
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, data_dir, monkeypatch):
+    real = dpsom.phase_loss
+    monkeypatch.setattr(dpsom, "phase_loss", lambda *a: (lambda t, p: (t * float("nan"), {"elbo": t * float("nan")}))(
+        *real(*a)))
+    with pytest.raises(dpsom.NonFiniteLoss, match="global step 1 .*no checkpoint had been written yet"):
+        run(tmp_path, data_dir)
+
+
 def two_checkpoints(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     for step in (1, 2):
