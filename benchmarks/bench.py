@@ -139,7 +139,7 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         if r >= 2 and time.perf_counter() > deadline:
             break
     for phase, st in stats.items():
-        st.check(phase, 0)
+        st.check(phase, 0, "")
 
     if device.type == "cuda":   # the step loop must never wait for the device: count the syncs it requests
         torch.cuda.set_sync_debug_mode("warn")
@@ -212,7 +212,7 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
             times.append(got[name])
             if r >= 2 and time.perf_counter() > deadline:
                 break
-        stats.check("train", 0)
+        stats.check("train", 0, "")
         out[name] = {"samples_per_s": B / statistics.median(times), "speedup": statistics.median(ratios),
                      "warmup_s": warmup, "rounds": len(ratios)}
         print(f"bench: variant {name} timed", file=sys.stderr)
