@@ -460,7 +460,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                 targets = (target_distribution(model, x_train, B, c["eval_sample"]),
                            target_distribution(model, x_eval, B, c["eval_sample"])[:B])
             p_train, p_mon = targets if phase == "train" else (None, None)
-            stats = StepStats()
+            stats, means = StepStats(), {"loss": float("nan")}   # no steps left when it stopped after the last
             for b in range(b0, steps_per_epoch):
                 p = None if p_train is None else p_train[b * B:(b + 1) * B]
                 lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
@@ -619,7 +619,7 @@ def main(_config: dict, _run) -> dict:
           f"logdir {c['logdir']}")
     results = []
     for i, (sub, seed) in enumerate(runs):
-        logdir = os.path.join(c["logdir"], sub)
+        logdir = os.path.join(c["logdir"], sub) if sub else c["logdir"]
         hint = None
         if c["more_runs"]:   # each run is exactly the single run with its seed
             set_global_seed(seed)
@@ -632,6 +632,8 @@ def main(_config: dict, _run) -> dict:
         result = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         result.update({f"{k}_std": float(np.std([r[k] for r in results])) for k in results[0]})
         result["runs"] = results
+    with open(os.path.join(c["logdir"], "result.json"), "w") as f:   # what a sweep collects
+        json.dump(result, f, indent=2)
     print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     return result
 

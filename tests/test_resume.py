@@ -70,7 +70,7 @@ def test_sigterm_at_any_moment_then_resume_gives_identical_results(tmp_path, dat
     logdir = tmp_path / "interrupted"
     # (moment of the signal, global step of the checkpoint it leaves, its phase): the run stops after the step
     # that follows the signal, wherever the signal came.
-    moments = [("step:1", 1, "pretrain"),                # right after an optimiser step
+    moments = [("step:2", 2, "pretrain"),                # right after the last step of an epoch
                ("log_pictures:1", 3, "som_init"),        # pictures at the end of pretraining
                ("save:2", 7, "train"),                   # writing the checkpoint at the end of SOM initialisation
                ("target_distribution:2", 9, "train"),    # joint epoch 1's target pass (second of its two sets)

@@ -1,0 +1,270 @@
+"""Many dpsom.py runs at once on Ray: a grid of settings times seeds, on this machine or a Ray cluster,
+collected into results.csv and a summary.
+
+    python sweep.py OUT --grid alpha=5,10 --seeds 3 with quick
+    python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1
+    python sweep.py OUT --address HOST:6379 ...          # a running Ray cluster (or set RAY_ADDRESS)
+
+Every run is an ordinary Sacred run of dpsom.py in a process of its own. Its folder OUT/runs/<name> holds its
+TensorBoard events, checkpoints, result.json, stdout.txt and stderr.txt; Sacred's file observer records every
+run in OUT/sacred. A run whose process dies (killed, out of memory, node lost) is retried up to --retries
+times and resumes from its checkpoint; a run that fails on its config or data is not retried. The same
+command again skips finished runs and resumes unfinished ones; Ctrl-C stops every run after its current
+step, with a checkpoint, and the same command continues them.
+"""
+import argparse
+import csv
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETUP_ERROR, INTERRUPTED = 1, 130      # dpsom.py's exit statuses: config or data error, stopped by a signal
+STOP = "stop-requested"                 # written into OUT by a stopped sweep; every run's task watches for it
+CELLS = {"mnist_dense": ["validation=True"], "mnist_conv": ["conv", "validation=True"],
+         "fmnist_dense": ["fmnist", "validation=True"], "fmnist_conv": ["fmnist", "conv", "validation=True"]}
+# The seed's table (single runs, validation=True): (NMI, purity) of the PyTorch port it lists and of the
+# TensorFlow original. Source: the project's specification, section 7, which quotes elin-d/dpsom's README.
+SEED_TABLE = {"mnist_dense": ((0.6946, 0.9609), (0.6919, 0.9626)), "mnist_conv": ((0.7267, 0.9833), (0.6988, 0.9676)),
+              "fmnist_dense": ((0.5673, 0.7738), (0.5667, 0.7809)), "fmnist_conv": ((0.5712, 0.7766), (0.5667, 0.7809))}
+
+
+class RunDied(RuntimeError):
+    """dpsom.py ended without a result and without saying why (killed, out of memory): worth a retry."""
+
+
+def split_values(text: str) -> list[str]:
+    """'5,10' -> ['5', '10']; commas inside brackets or quotes stay: '[6,10],[8,8]' -> ['[6,10]', '[8,8]']."""
+    values, depth, quote, current = [], 0, None, ""
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+            continue
+        current += ch
+    return values + [current]
+
+
+def plan(grid: list[tuple[str, list[str]]], seeds: list[int], words: list[str], cells: list[str] | None) -> list[dict]:
+    """Every run: its name, the settings that tell it apart, its seed and its words after dpsom.py's `with`."""
+    runs = []
+    for cell in cells or [None]:
+        for values in itertools.product(*[v for _, v in grid]):
+            for seed in seeds:
+                settings = ({"cell": cell} if cell else {}) | {k: v for (k, _), v in zip(grid, values)}
+                name = "_".join(f"{k}={v}" for k, v in settings.items() if k != "cell")
+                name = re.sub(r"[^\w.=,+-]", "", "_".join(filter(None, [cell, name, f"seed={seed}"])))
+                runs.append({"name": name, "settings": settings, "seed": seed,
+                             "words": (CELLS[cell] if cell else []) + words
+                             + [f"{k}={v}" for k, v in zip((k for k, _ in grid), values)] + [f"seed={seed}"]})
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"sweep: two runs would share a folder name: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    return runs
+
+
+@ray.remote
+def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
+    """One dpsom.py run in its own process, resumed from its checkpoint if an earlier attempt left one."""
+    logdir = os.path.join(out, "runs", run["name"])
+    if os.path.exists(os.path.join(logdir, "result.json")):
+        return finished(logdir, "done", 0.0)
+    os.makedirs(logdir, exist_ok=True)
+    resume = os.path.exists(os.path.join(logdir, "checkpoint.pt")) or os.path.exists(os.path.join(logdir, "checkpoint.pt.prev"))
+    cmd = [sys.executable, os.path.join(HERE, "dpsom.py"), "-F", os.path.join(out, "sacred"), "with", *run["words"],
+           f"logdir={logdir}", f"device={device}"] + ([f"resume={logdir}"] if resume else [])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    started = time.time()
+    with open(os.path.join(logdir, "stdout.txt"), "a") as o, open(os.path.join(logdir, "stderr.txt"), "a") as e:
+        e.write(f"--- attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+        e.flush()
+        # its own session: a Ctrl-C at the terminal reaches the run once, through the handler below
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=cwd, start_new_session=True,
+                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []))   # Ray's workers mask signals
+        open(os.path.join(logdir, ".running"), "w").close()
+        try:
+            while proc.poll() is None:
+                if os.path.exists(os.path.join(out, STOP)):    # the sweep was stopped: the run stops after its
+                    proc.send_signal(signal.SIGTERM)            # step and writes a checkpoint
+                    proc.wait()
+                time.sleep(0.2)
+            code = proc.returncode
+        finally:
+            os.remove(os.path.join(logdir, ".running"))
+    wall = time.time() - started
+    if code == 0:
+        return finished(logdir, "done", wall)
+    if code == INTERRUPTED:
+        return finished(logdir, "interrupted", wall)
+    if code == SETUP_ERROR:                             # a config or data error, or a bug: a retry cannot help
+        return finished(logdir, "failed", wall)
+    raise RunDied(f"{run['name']}: dpsom.py ended with status {code}; the retry resumes from its checkpoint")
+
+
+def task_options(cpus: float, gpus: float, retries: int) -> dict:
+    """Ray's resources of one run (fractions share a GPU) and its retries: a lost node or worker, or RunDied."""
+    return dict(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=[RunDied])
+
+
+def finished(logdir: str, status: str, wall: float) -> dict:
+    """What the driver records of a run: its status, wall time, result, or the end of its error output."""
+    record = {"status": status, "wall_s": wall}
+    if status == "done":
+        with open(os.path.join(logdir, "result.json")) as f:
+            record["result"] = json.load(f)
+    if status == "failed":
+        with open(os.path.join(logdir, "stderr.txt")) as f:
+            lines = [line.strip() for line in f if line.strip() and not line.startswith("---")]
+        record["error"] = lines[-1] if lines else "no output"
+    return record
+
+
+def write_tables(out: str, runs: list[dict], records: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """results.csv (a row per run) and summary.csv (mean, std and n of every number per setting)."""
+    keys = list(dict.fromkeys(k for r in runs for k in r["settings"]))
+    numbers = list(dict.fromkeys(k for rec in records.values() for k, v in rec.get("result", {}).items()
+                                 if isinstance(v, (int, float))))
+    rows = []
+    for r in runs:
+        rec = records.get(r["name"], {"status": "not run"})
+        rows.append({**{k: r["settings"].get(k, "") for k in keys}, "seed": r["seed"], "name": r["name"],
+                     **{k: rec.get("result", {}).get(k, "") for k in numbers},
+                     "wall_s": round(rec.get("wall_s", 0.0), 1), "status": rec["status"], "error": rec.get("error", "")})
+    summary = []
+    for setting in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
+        done = [row for row in rows if tuple(row[k] for k in keys) == setting and row["status"] == "done"]
+        entry = dict(zip(keys, setting)) | {"n": len(done)}
+        for k in numbers:
+            values = np.array([row[k] for row in done], dtype=float)
+            entry[f"{k}_mean"] = float(values.mean()) if len(values) else ""
+            entry[f"{k}_std"] = float(values.std()) if len(values) else ""
+        summary.append(entry)
+    for name, table in (("results.csv", rows), ("summary.csv", summary)):
+        with open(os.path.join(out, name), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    return rows, summary
+
+
+def print_summary(summary: list[dict], preset: bool) -> None:
+    if not summary:
+        return
+    keys = [k for k in summary[0] if k != "n" and not k.endswith(("_mean", "_std"))]
+    shown = [k for k in ("nmi", "purity", "ami", "nll", "nodes_used") if f"{k}_mean" in summary[0]]
+    print("\n" + "  ".join(keys + ["n"] + shown))
+    for e in summary:
+        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" if e["n"] else "-" for k in shown]
+        print("  ".join([str(e[k]) for k in keys] + [str(e["n"])] + cells))
+    if preset:
+        print("\nThe seed's table beside this sweep (validation split; mean ± std over n seeds):")
+        print(f"{'cell':<14}{'metric':<8}{'this sweep':>22}{'seed: Torch':>13}{'seed: TF':>10}")
+        for e in summary:
+            for i, k in enumerate(("nmi", "purity")):
+                mine = f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})" if e["n"] else "not run"
+                torch_ref, tf_ref = (t[i] for t in SEED_TABLE[e["cell"]])
+                print(f"{e['cell'] if i == 0 else '':<14}{k:<8}{mine:>22}{torch_ref:>13.4f}{tf_ref:>10.4f}")
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    words = argv[argv.index("with") + 1:] if "with" in argv else []
+    argv = argv[:argv.index("with")] if "with" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=
+                                 "Words after `with` go to every run exactly as dpsom.py takes them.")
+    ap.add_argument("out", help="the sweep's folder: runs/, sacred/, results.csv, summary.csv")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a swept key and its values (repeat for more keys: the runs are the product)")
+    ap.add_argument("--seeds", default="1", help="N (seeds seed..seed+N-1, seed from `with` or 2020) or S1,S2,...")
+    ap.add_argument("--cpus-per-run", type=float, default=1, help="CPUs Ray reserves per run; a CPU run's threads")
+    ap.add_argument("--gpus-per-run", type=float, default=0, help="GPUs per run, fractions share one (0: CPU runs)")
+    ap.add_argument("--retries", type=int, default=2, help="new attempts for a run whose process died")
+    ap.add_argument("--address", help="a running Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--preset", choices=["results_table"], help="the seed's table: MNIST and Fashion-MNIST, dense and conv")
+    ap.add_argument("--cells", default=",".join(CELLS), help=f"cells of the preset (default all: {','.join(CELLS)})")
+    args = ap.parse_args(argv)
+    for g in args.grid:
+        if "=" not in g:
+            ap.error(f"--grid {g!r}: give KEY=V1,V2,...")
+    bad = [c for c in args.cells.split(",") if c not in CELLS]
+    if args.preset and bad:
+        ap.error(f"--cells: unknown {bad}; choose from {list(CELLS)}")
+    return args, words
+
+
+def main(argv: list[str]) -> int:
+    args, words = parse(argv)
+    base = next((int(w.split("=", 1)[1]) for w in words if w.startswith("seed=")), 2020)
+    words = [w for w in words if not w.startswith("seed=")]
+    seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
+             else list(range(base, base + int(args.seeds))))
+    grid = [(g.split("=", 1)[0], split_values(g.split("=", 1)[1])) for g in args.grid]
+    runs = plan(grid, seeds, words, args.cells.split(",") if args.preset else None)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    if os.path.exists(os.path.join(out, STOP)):        # left by a stopped sweep: this one continues it
+        os.remove(os.path.join(out, STOP))
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    device = "cuda" if args.gpus_per_run > 0 else "cpu"
+    task = run_dpsom.options(**task_options(args.cpus_per_run, args.gpus_per_run, args.retries))
+    threads = max(1, int(args.cpus_per_run))
+    pending = {task.remote(r, out, threads, device, os.getcwd()): r for r in runs}   # paths as the user gave them
+    records, stopped = {}, False
+    bar = tqdm(total=len(runs), desc="runs", unit="run")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
+            for ref in ready:
+                run = pending.pop(ref)
+                try:
+                    records[run["name"]] = ray.get(ref)
+                except ray.exceptions.RayError as e:    # retries used up, or the task itself broke
+                    records[run["name"]] = {"status": "failed", "error": str(e).strip().splitlines()[-1]}
+                bar.update(1)
+            running = sum(os.path.exists(os.path.join(out, "runs", r["name"], ".running")) for r in pending.values())
+            failed = sum(rec["status"] == "failed" for rec in records.values())
+            bar.set_postfix(done=len(records) - failed, running=running, failed=failed, refresh=False)
+    except KeyboardInterrupt:                           # every run stops after its step with a checkpoint
+        stopped = True
+        print("\nstopping the runs; each writes its checkpoint ...", file=sys.stderr)
+        open(os.path.join(out, STOP), "w").close()      # a file, so that runs on other nodes see it too
+        not_started = [ref for ref in pending if not os.path.exists(os.path.join(out, "runs", pending[ref]["name"], ".running"))]
+        for ref in not_started:
+            ray.cancel(ref)
+        for ref, run in pending.items():
+            try:
+                records[run["name"]] = ray.get(ref)
+            except ray.exceptions.RayError:
+                records[run["name"]] = {"status": "interrupted"}
+    bar.close()
+    ray.shutdown()
+    _, summary = write_tables(out, runs, records)
+    print_summary(summary, bool(args.preset))
+    print(f"\n{out}/results.csv, {out}/summary.csv; tensorboard --logdir {out}/runs")
+    failed = {name: rec.get("error", "") for name, rec in records.items() if rec["status"] == "failed"}
+    for name, error in failed.items():
+        print(f"failed: {name}: {error}", file=sys.stderr)
+    if stopped or any(rec["status"] == "interrupted" for rec in records.values()):
+        print("stopped: the same command continues the unfinished runs", file=sys.stderr)
+        return INTERRUPTED
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

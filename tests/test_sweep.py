@@ -1,0 +1,133 @@
+"""sweep.py on a real local Ray with real dpsom.py processes: results, retries with resume, skips, refusals,
+resource accounting, and Ray staying on the loopback interface."""
+import csv
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import ROOT
+from test_end_to_end import TINY
+
+# Ray started by the tests listens on 127.0.0.1 only and writes no token file (never set by sweep.py itself:
+# that would keep users off clusters).
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+os.environ.update(RAY_ENV)
+WORDS = [f"{k}={v}".replace(" ", "") for k, v in TINY.items() if k != "seed"]
+
+
+def sweep(out, *args, data_dir, timeout=600, wait=True):
+    cmd = [sys.executable, "sweep.py", str(out), *args, "with", *WORDS, f"data_dir={data_dir}"]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def sacred_runs(out):
+    folder = out / "sacred"
+    return {d: json.load(open(folder / d / "run.json")) for d in os.listdir(folder) if d.isdigit()}
+
+
+def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    done = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = sacred_runs(out)
+    assert len(runs) == 4 and {r["status"] for r in runs.values()} == {"COMPLETED"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted((r["alpha"], r["seed"]) for r in rows) == [("10", "2020"), ("10", "2021"), ("5", "2020"), ("5", "2021")]
+    for row in rows:
+        own = json.load(open(out / "runs" / row["name"] / "result.json"))
+        assert row["status"] == "done" and {k: float(row[k]) for k in own} == own
+        assert float(row["wall_s"]) > 0
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    for entry in summary:
+        values = [float(r["purity"]) for r in rows if r["alpha"] == entry["alpha"]]
+        assert int(entry["n"]) == 2
+        assert float(entry["purity_mean"]) == pytest.approx(np.mean(values), rel=1e-12)
+        assert float(entry["purity_std"]) == pytest.approx(np.std(values), rel=1e-12)
+    assert "purity" in done.stdout and "0.5" in done.stdout                    # the summary is printed
+    again = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir)
+    assert again.returncode == 0 and len(sacred_runs(out)) == 4               # finished runs are skipped
+
+
+def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    done = sweep(out, "--grid", "gamma=-1", "--retries", "3", data_dir=data_dir)
+    assert done.returncode == 1
+    assert "failed: gamma=-1_seed=2020: " in done.stderr and "config gamma=-1" in done.stderr
+    log = open(out / "runs" / "gamma=-1_seed=2020" / "stderr.txt").read()
+    assert log.count("--- attempt") == 1
+
+
+def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    proc = sweep(out, "--seeds", "1", "--retries", "2", data_dir=data_dir, wait=False)
+    logdir = out / "runs" / "seed=2020"
+    deadline = time.time() + 240
+    while not (logdir / "checkpoint.pt").exists():                            # the end of the first epoch
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    victim = next(p for p in psutil.process_iter(["cmdline"])
+                  if f"logdir={logdir}" in " ".join(p.info["cmdline"] or []) and "dpsom.py" in " ".join(p.info["cmdline"]))
+    victim.send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    attempts = [line for line in open(logdir / "stderr.txt") if line.startswith("--- attempt")]
+    assert len(attempts) == 2 and f"resume={logdir}" in attempts[1]
+    straight = subprocess.run([sys.executable, "dpsom.py", "with", *WORDS, f"data_dir={data_dir}", "seed=2020",
+                               f"logdir={tmp_path / 'straight'}", "device=cpu"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert json.load(open(logdir / "result.json")) == json.load(open(tmp_path / "straight" / "result.json"))
+
+
+def test_fractional_gpus_are_accounted_and_ray_stays_on_loopback():
+    ray = pytest.importorskip("ray")
+    import sweep
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)   # one logical GPU
+    try:
+        @ray.remote
+        def occupy():
+            start = time.time()
+            time.sleep(1.0)
+            return start, time.time()
+
+        spans = ray.get([occupy.options(**sweep.task_options(0.5, 0.25, 0)).remote() for _ in range(8)])
+        most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+        assert most == 4                                                      # 4 x 0.25 of one GPU at a time
+        ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        assert listening, "found no listening socket of Ray's processes"
+        ipv4 = lambda ip: getattr(ipaddress.ip_address(ip), "ipv4_mapped", None) or ipaddress.ip_address(ip)
+        assert {str(ipv4(c.laddr.ip)) for c in listening} == {"127.0.0.1"}, listening   # '::ffff:127.0.0.1' too
+    finally:
+        ray.shutdown()
+
+
+def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    args = ("--seeds", "2")
+    proc = subprocess.Popen([sys.executable, "sweep.py", str(out), *args, "with", *WORDS, f"data_dir={data_dir}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as at a terminal
+    deadline = time.time() + 240
+    while len(list(out.glob("runs/*/checkpoint.pt"))) < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "the same command continues" in stderr, stderr[-2000:]
+    assert [r["status"] for r in sacred_runs(out).values()] == ["INTERRUPTED"] * 2
+    again = sweep(out, *args, data_dir=data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in ("seed=2020", "seed=2021"):
+        log = open(out / "runs" / name / "stderr.txt").read()
+        assert log.count("--- attempt") == 2 and f"resume={out / 'runs' / name}" in log
