@@ -167,11 +167,12 @@ def test_run_logs_every_number_and_picture(tiny_run):
     assert os.path.exists(logdir / embedding.sprite.image_path)
 
 
-def test_evaluate_command_reproduces_the_run(tiny_run, data_dir):
+def test_evaluate_command_reproduces_the_run(tiny_run, data_dir, capsys):
     r, logdir = tiny_run
-    ev = dpsom.ex.run("evaluate", config_updates={"checkpoint": str(logdir), "data_dir": data_dir},
+    ev = dpsom.ex.run("evaluate", config_updates={"checkpoint": str(logdir), "data_dir": data_dir, "latent_dim": 7},
                       options={"--loglevel": "ERROR"})
     assert ev.result == r.result                                               # eval_sample: the same seeded noise
+    assert "ignored: latent_dim=7 (checkpoint: 10)" in capsys.readouterr().out  # says what it did not use
     with open(logdir / "evaluation_validation.json") as f:
         saved = json.load(f)
     assert saved["metrics"] == r.result and saved["samples"] == 300 and saved["global_step"] == 9
