@@ -544,7 +544,8 @@ def evaluate(_config: dict, _run) -> dict:
     """Evaluate a saved model without training: python dpsom.py evaluate with checkpoint=PATH [data_dir=...].
 
     The model and the evaluation settings (data set, validation or test set, max_eval_samples, eval_sample,
-    batch size) are the checkpoint's own, so the numbers are its run's; data_dir and device are this command's.
+    batch size) are the checkpoint's own, so the numbers are its run's; device is this command's, and data_dir
+    too where given (else the run's).
     Prints every number and writes evaluation_<set>.json (the numbers) and evaluation_<set>.npz (per-sample
     bmu and label) into the checkpoint's run folder.
     """
@@ -560,7 +561,8 @@ def evaluate(_config: dict, _run) -> dict:
     if ignored:
         print(f"evaluate uses the checkpoint's own config; ignored: "
               + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
-    c = {**_config, **state["config"], "data_dir": _config["data_dir"]}   # keys it predates keep the defaults
+    data_dir = _config["data_dir"] if "data_dir" in given_keys(_run) else state["config"]["data_dir"]
+    c = {**_config, **state["config"], "data_dir": data_dir}   # keys the checkpoint predates keep the defaults
     model = build_model(c).to(device)
     model.load_state_dict(state["model"])
     data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
