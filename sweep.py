@@ -212,7 +212,7 @@ def main(argv: list[str]) -> int:
     args, words = parse(argv)
     base = next((int(w.split("=", 1)[1]) for w in words if w.startswith("seed=")), 2020)
     words = [w for w in words if not w.startswith("seed=")]
-    seeds = ([int(s) for s in args.seeds.split(",")] if "," in args.seeds
+    seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
              else list(range(base, base + int(args.seeds))))
     grid = [(g.split("=", 1)[0], split_values(g.split("=", 1)[1])) for g in args.grid]
     runs = plan(grid, seeds, words, args.cells.split(",") if args.preset else None)
