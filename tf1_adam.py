@@ -24,6 +24,9 @@ class TF1Adam(torch.optim.Optimizer):
             b1, b2 = group["betas"]
             t = self.global_step
             lr_t = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            # TF forms 1 - beta in the variable's dtype: in float32 0.100000024 and 0.0009999871, not 0.1, 0.001
+            one_minus = {dtype: [float(1 - torch.tensor(b, dtype=dtype)) for b in (b1, b2)]
+                         for dtype in {p.dtype for p in group["params"]}}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -32,8 +35,7 @@ class TF1Adam(torch.optim.Optimizer):
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(p)
                 m, v = state["m"], state["v"]
-                # TF forms 1 - beta in the variable's dtype: in float32 0.100000024 and 0.0009999871, not 0.1, 0.001
-                c1, c2 = (float(1 - torch.tensor(b, dtype=p.dtype)) for b in (b1, b2))
+                c1, c2 = one_minus[p.dtype]
                 m.mul_(b1).add_(p.grad, alpha=c1)
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=c2)
                 p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-lr_t)
