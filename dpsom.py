@@ -88,8 +88,8 @@ def config():
     use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
     resume = None                    # checkpoint file or run folder to continue, with the checkpoint's config
     deterministic = False            # deterministic algorithms only (for GPUs; CPU runs already repeat bit for bit)
-    grid = "x".join(map(str, som_dim)) if isinstance(som_dim, (list, tuple)) else som_dim
-    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{grid}.pt")
+    som_grid = "x".join(map(str, som_dim)) if isinstance(som_dim, (list, tuple)) else som_dim  # for file names
+    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{som_grid}.pt")
     checkpoint = None                # the evaluate command: checkpoint file or run folder to evaluate
 
 
