@@ -12,6 +12,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from conftest import ROOT
 from test_end_to_end import TINY
@@ -23,8 +24,8 @@ os.environ.update(RAY_ENV)
 WORDS = [f"{k}={v}".replace(" ", "") for k, v in TINY.items() if k != "seed"]
 
 
-def sweep(out, *args, data_dir, timeout=600, wait=True):
-    cmd = [sys.executable, "sweep.py", str(out), *args, "with", *WORDS, f"data_dir={data_dir}"]
+def sweep(out, *args, data_dir, timeout=600, wait=True, extra=()):
+    cmd = [sys.executable, "sweep.py", str(out), *args, "with", *WORDS, *extra, f"data_dir={data_dir}"]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -69,7 +70,7 @@ def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir):
 
 def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     out = tmp_path / "sweep"
-    proc = sweep(out, "--seeds", "1", "--retries", "2", data_dir=data_dir, wait=False)
+    proc = sweep(out, "--seeds", "1", "--retries", "2", data_dir=data_dir, wait=False, extra=["num_epochs=10"])
     logdir = out / "runs" / "seed=2020"
     deadline = time.time() + 240
     while not (logdir / "checkpoint.pt").exists():                            # the end of the first epoch
@@ -82,8 +83,8 @@ def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_pat
     assert proc.returncode == 0, stderr[-3000:]
     attempts = [line for line in open(logdir / "stderr.txt") if line.startswith("--- attempt")]
     assert len(attempts) == 2 and f"resume={logdir}" in attempts[1]
-    straight = subprocess.run([sys.executable, "dpsom.py", "with", *WORDS, f"data_dir={data_dir}", "seed=2020",
-                               f"logdir={tmp_path / 'straight'}", "device=cpu"], cwd=ROOT, capture_output=True,
+    straight = subprocess.run([sys.executable, "dpsom.py", "with", *WORDS, "num_epochs=10", f"data_dir={data_dir}",
+                               "seed=2020", f"logdir={tmp_path / 'straight'}", "device=cpu"], cwd=ROOT, capture_output=True,
                               text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert json.load(open(logdir / "result.json")) == json.load(open(tmp_path / "straight" / "result.json"))
@@ -115,8 +116,9 @@ def test_fractional_gpus_are_accounted_and_ray_stays_on_loopback():
 def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(tmp_path, data_dir):
     out = tmp_path / "sweep"
     args = ("--seeds", "2")
-    proc = subprocess.Popen([sys.executable, "sweep.py", str(out), *args, "with", *WORDS, f"data_dir={data_dir}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    words = [*WORDS, "num_epochs=30", f"data_dir={data_dir}"]                 # long enough to be caught running
+    proc = subprocess.Popen([sys.executable, "sweep.py", str(out), *args, "with", *words], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as at a terminal
     deadline = time.time() + 240
     while len(list(out.glob("runs/*/checkpoint.pt"))) < 2:
@@ -126,7 +128,10 @@ def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(t
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "the same command continues" in stderr, stderr[-2000:]
     assert [r["status"] for r in sacred_runs(out).values()] == ["INTERRUPTED"] * 2
-    again = sweep(out, *args, data_dir=data_dir)
+    for name in ("seed=2020", "seed=2021"):
+        assert torch.load(out / "runs" / name / "checkpoint.pt", weights_only=False)["global_step"] < 6 * 33
+    again = subprocess.run([sys.executable, "sweep.py", str(out), *args, "with", *words], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     for name in ("seed=2020", "seed=2021"):
         log = open(out / "runs" / name / "stderr.txt").read()
