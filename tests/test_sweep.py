@@ -136,3 +136,16 @@ def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(t
     for name in ("seed=2020", "seed=2021"):
         log = open(out / "runs" / name / "stderr.txt").read()
         assert log.count("--- attempt") == 2 and f"resume={out / 'runs' / name}" in log
+
+
+def test_grid_values_cells_and_the_seed_table(capsys):
+    import sweep
+    assert sweep.split_values("[6,10],[8,8]") == ["[6,10]", "[8,8]"] and sweep.split_values("5,'a,b'") == ["5", "'a,b'"]
+    runs = sweep.plan([("alpha", ["5", "10"])], [1, 2], ["quick"], ["mnist_conv"])
+    assert [r["name"] for r in runs] == ["mnist_conv_alpha=5_seed=1", "mnist_conv_alpha=5_seed=2",
+                                         "mnist_conv_alpha=10_seed=1", "mnist_conv_alpha=10_seed=2"]
+    assert runs[0]["words"] == ["conv", "validation=True", "quick", "alpha=5", "seed=1"]
+    sweep.print_summary([{"cell": "mnist_conv", "n": 2, "nmi_mean": 0.7, "nmi_std": 0.01, "purity_mean": 0.95,
+                          "purity_std": 0.02}], preset=True)
+    printed = capsys.readouterr().out
+    assert "0.9500 ± 0.0200 (n=2)" in printed and "0.9833" in printed and "0.9676" in printed   # the seed's conv numbers
