@@ -7,6 +7,7 @@
 Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototypes learn),
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
 """
+import csv
 import json
 import math
 import os
@@ -32,10 +33,11 @@ from tqdm import tqdm
 from checkpoint import (Interrupted, StopRequest, checkpoint_state, load_checkpoint, resumed_config,
                         save_checkpoint)
 from decay_scheduler import decayed_lr, set_lr
-from dpsom_model import DPSOM
+from dpsom_model import DPSOM, MNIST_SHAPE, check_conv_shape
 from mnist_data import DATASETS, DataError, load_data
+from user_data import CHANNELS, LIKELIHOODS, NORMALIZATIONS, Preprocessing, load_for_assign, load_user_data
 from tf1_adam import TF1Adam
-from utils import (clustering_metrics, heatmap, image_grid, label_map, map_usage, node_statistics,
+from utils import (clustering_metrics, heatmap, label_map, map_usage, node_statistics, picture_grid,
                    quantization_error, reconstruction_errors, topographic_error, u_matrix)
 
 ex = Experiment("dpsom")
@@ -46,6 +48,12 @@ ex.captured_out_filter = apply_backspaces_and_linefeeds
 def config():
     data_set = "MNIST"               # "MNIST" or "fMNIST"
     data_dir = "data"                # holds mnist/ and fashion-mnist/ with the 4 IDX .gz files each
+    data_path = None                 # your own data instead of data_set: a .npz (x, optional y, x_test, y_test), .npy or .csv
+    label_column = None              # the .csv column holding labels (None: no labels)
+    channels = "auto"                # images (N, a, b, c): channels "first", "last", or "auto" (the smaller of a and c)
+    likelihood = "bernoulli"         # "bernoulli" (values in [0, 1]) or "gaussian" (real values, unit variance)
+    normalize = "max"                # "max" (each sample by its maximum, MNIST's), "minmax", "standard" (per feature), "none"
+    component_planes = None          # vector data: features (names or indices) pictured over the map (None: the first 8)
     validation = False               # evaluate and monitor on the validation split (True) or the test set
     max_train_samples = None         # use only the first N training images (None: all 51,000)
     max_eval_samples = None          # evaluate and monitor on the first N images of the evaluation set only
@@ -83,13 +91,14 @@ def config():
     amp = False                      # bf16 autocast of encoder/decoder layers; posterior head, SOM, losses stay float32
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
     arch = "conv" if convolution else "dense"
-    logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_set}_{arch}_{uuid.uuid4().hex[:6]}")  # run folder
+    data_name = os.path.splitext(os.path.basename(data_path))[0] if isinstance(data_path, str) else data_set  # for names
+    logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_name}_{arch}_{uuid.uuid4().hex[:6]}")  # run folder
     save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
     use_saved_pretrain = False       # skip phases 1-2 by loading pretrain_path
     resume = None                    # checkpoint file or run folder to continue, with the checkpoint's config
     deterministic = False            # deterministic algorithms only (for GPUs; CPU runs already repeat bit for bit)
     som_grid = "x".join(map(str, som_dim)) if isinstance(som_dim, (list, tuple)) else som_dim  # for file names
-    pretrain_path = os.path.join("runs", "pretrained", f"{data_set}_{arch}_{latent_dim}_{som_grid}.pt")
+    pretrain_path = os.path.join("runs", "pretrained", f"{data_name}_{arch}_{latent_dim}_{som_grid}.pt")
     checkpoint = None                # the evaluate command: checkpoint file or run folder to evaluate
 
 
@@ -138,7 +147,10 @@ class SetupError(SacredError, ValueError):
 
 BOOLEAN_KEYS = ("validation", "convolution", "toroidal", "val_epochs", "more_runs", "leaky_logits", "eval_sample",
                 "compile", "amp", "save_pretrain", "use_saved_pretrain", "deterministic")
-ARCHITECTURE_KEYS = ("data_set", "convolution", "latent_dim", "som_dim", "posterior", "batchnorm", "adam")
+ARCHITECTURE_KEYS = ("data_set", "convolution", "latent_dim", "som_dim", "posterior", "batchnorm", "adam", "data_path",
+                     "likelihood", "normalize", "channels")
+DATA_KEY_DEFAULTS = {"data_path": None, "label_column": None, "channels": "auto", "likelihood": "bernoulli",
+                     "normalize": "max", "component_planes": None}   # what checkpoints older than these keys ran with
 
 
 def check_config(c: dict, n_train: int | None = None) -> None:
@@ -147,7 +159,22 @@ def check_config(c: dict, n_train: int | None = None) -> None:
         if not ok:
             raise SetupError(f"config {key}={c[key]!r}: {what}")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    need(c["data_set"] in DATASETS, "data_set", f"must be one of {sorted(DATASETS)}")
+    need(c["data_path"] is not None or c["data_set"] in DATASETS, "data_set",
+         f"must be one of {sorted(DATASETS)}, or give your own file with data_path=<file>")
+    need(c["data_path"] is None or isinstance(c["data_path"], str), "data_path", "must be a file name")
+    need(c["label_column"] is None or (isinstance(c["label_column"], str) and c["data_path"] is not None),
+         "label_column", "names a column of the .csv given as data_path")
+    need(c["channels"] in CHANNELS, "channels", f"must be one of {CHANNELS}")
+    need(c["likelihood"] in LIKELIHOODS, "likelihood", f"must be one of {LIKELIHOODS}")
+    need(c["normalize"] in NORMALIZATIONS, "normalize", f"must be one of {NORMALIZATIONS}")
+    need(c["data_path"] is not None or c["normalize"] == "max", "normalize",
+         "applies to data_path files; MNIST and Fashion-MNIST are always divided by each image's maximum")
+    need(c["likelihood"] == "gaussian" or c["normalize"] != "standard", "normalize",
+         "gives negative values, which likelihood='bernoulli' cannot model; use likelihood='gaussian' or "
+         "normalize='minmax'")
+    need(c["component_planes"] is None or (isinstance(c["component_planes"], (list, tuple)) and all(
+        isinstance(v, (str, int)) and not isinstance(v, bool) for v in c["component_planes"])), "component_planes",
+        "must be a list of feature names or indices, e.g. component_planes=[0,3,7]")
     need(isinstance(c["som_dim"], (list, tuple)) and len(c["som_dim"]) == 2
          and all(is_int(v) and v > 0 for v in c["som_dim"]), "som_dim", "must be two positive integers")
     for key in ("batch_size", "latent_dim", "decay_steps", "log_every"):
@@ -175,11 +202,13 @@ def check_config(c: dict, n_train: int | None = None) -> None:
          "does not exist; run once with save_pretrain=True first")
     if c["use_saved_pretrain"] and n_train is None:
         saved = torch.load(c["pretrain_path"], map_location="cpu", weights_only=False)["config"]
-        differ = [f"{k}: saved {saved.get(k)!r}, now {c[k]!r}" for k in ARCHITECTURE_KEYS if saved.get(k) != c[k]]
+        saved_value = lambda k: saved.get(k, DATA_KEY_DEFAULTS.get(k))
+        differ = [f"{k}: saved {saved_value(k)!r}, now {c[k]!r}" for k in ARCHITECTURE_KEYS if saved_value(k) != c[k]]
         need(not differ, "pretrain_path", "was saved by another model (" + "; ".join(differ)
              + "); use those values, or save_pretrain=True with this config and another pretrain_path")
     if n_train is not None:
-        need(c["batch_size"] <= n_train, "batch_size", f"is larger than the {n_train} training images")
+        need(c["batch_size"] <= n_train, "batch_size", f"is larger than the {n_train} training samples; use at most "
+             f"{n_train}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -203,11 +232,13 @@ class NonFiniteLoss(SacredError, RuntimeError):
 
 
 def build_model(c: dict) -> DPSOM:
+    """The model of a run's config; c["input_shape"] (set from the data) is MNIST's where absent."""
     return DPSOM(latent_dim=c["latent_dim"], som_dim=c["som_dim"], alpha=c["alpha"], beta=c["beta"],
                  gamma=c["gamma"], theta=c["theta"], prior=c["prior"], prior_var=c["prior_var"],
                  dropout=c["dropout"], convolution=c["convolution"], toroidal=c["toroidal"],
                  posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"],
-                 amp=c.get("amp", False))   # checkpoints written before the switch existed lack the key
+                 amp=c.get("amp", False),   # checkpoints written before the switch existed lack the key
+                 input_shape=tuple(c.get("input_shape", MNIST_SHAPE)), likelihood=c.get("likelihood", "bernoulli"))
 
 
 def train_step(model: DPSOM, opt: torch.optim.Optimizer, phase: str, x: torch.Tensor, p: torch.Tensor | None,
@@ -304,7 +335,7 @@ def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: 
         out = model(xb, eps=eps, sample=sample, decode=decode)
         batches.append({"z": out.z, "dist": out.dist})
         if decode:
-            batches[-1]["nll"], batches[-1]["mse"] = reconstruction_errors(xb, out.logits)
+            batches[-1]["nll"], batches[-1]["mse"] = reconstruction_errors(xb, out.logits, model.likelihood)
     model.train(was_training)
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
@@ -315,13 +346,18 @@ def target_distribution(model: DPSOM, x: torch.Tensor, batch_size: int, sample: 
     return DPSOM.target_distribution(model.soft_assign(dist))
 
 
-def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray, batch_size: int,
+LABEL_METRICS = "NMI, purity, AMI, ARI"
+
+
+def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray | None, batch_size: int,
                    sample: bool) -> tuple[dict, np.ndarray]:
-    """Every evaluation number over every sample of the set, and the BMU of each sample (its cluster)."""
+    """Every evaluation number over every sample of the set, and the BMU of each sample (its cluster).
+
+    Without labels (y None) the clustering numbers (LABEL_METRICS) are left out."""
     out = infer(model, x, batch_size, sample)
     dist = out["dist"]                                                 # (N, H*W)
     bmu = dist.argmin(1).cpu().numpy()
-    metrics = {**clustering_metrics(bmu, y, dist.shape[1]),
+    metrics = {**(clustering_metrics(bmu, y, dist.shape[1]) if y is not None else {}),
                "nll": float(out["nll"].mean()), "mse": float(out["mse"].mean()),
                "quantization_error": quantization_error(dist),
                "topographic_error": topographic_error(dist, model.neighbours, model.neighbour_mask),
@@ -348,21 +384,26 @@ class Logger:
         """A (channels, H, W) picture with values in [0, 1]."""
         self.writer.add_image(tag, picture, step)
 
-    def embedding(self, tag: str, codes: torch.Tensor, labels: np.ndarray, nodes: np.ndarray, images: torch.Tensor,
-                  step: int) -> None:
-        """Latent codes (N, D) in the projector with each one's label and BMU node, images (N, 1, h, w) as sprites."""
+    def embedding(self, tag: str, codes: torch.Tensor, labels: np.ndarray | None, nodes: np.ndarray,
+                  images: torch.Tensor | None, step: int) -> None:
+        """Latent codes (N, D) in the projector with each one's BMU node and label (if any), images (N, C, h, w)
+        with C 1 or 3 (if any) as sprites."""
         config = os.path.join(self.writer.get_logdir(), "projector_config.pbtxt")
         if not hasattr(self.writer, "_projector_config") and os.path.exists(config):
             # add_embedding rewrites the file from this writer's entries: keep those of the run before a resume
             with open(config) as f:
                 self.writer._projector_config = text_format.Parse(f.read(), ProjectorConfig())
-        self.writer.add_embedding(codes, metadata=[[int(a), int(b)] for a, b in zip(labels, nodes)],
-                                  metadata_header=["label", "node"], label_img=images, global_step=step, tag=tag)
+        if labels is None:
+            metadata, header = [int(n) for n in nodes], None
+        else:
+            metadata, header = [[str(a), int(n)] for a, n in zip(labels, nodes)], ["label", "node"]
+        self.writer.add_embedding(codes, metadata=metadata, metadata_header=header, label_img=images,
+                                  global_step=step, tag=tag)
 
     def hparams(self, config: dict, metrics: dict) -> None:
         """The config (paths left out, som_dim split into som_dim_h, som_dim_w) with the eval/... metrics in the
         HParams tab. Written into this run's folder; SummaryWriter.add_hparams would make a sub-run."""
-        paths = ("data_dir", "logdir", "pretrain_path", "resume", "checkpoint")
+        paths = ("data_dir", "logdir", "pretrain_path", "resume", "checkpoint", "preprocessing")
         values = {k: v for k, v in config.items() if k not in paths}
         values["som_dim_h"], values["som_dim_w"] = values.pop("som_dim")
         values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}  # lists, None
@@ -373,42 +414,74 @@ class Logger:
 PICTURE_EPOCHS = 10       # joint epochs between pictures (and at the end of every phase)
 PROJECTOR_SAMPLES = 3000  # first samples of the evaluation set shown in the embedding projector
 PAIR_ROWS, PAIR_COLS = 4, 8
+COMPONENT_PLANES = 8      # features pictured over the map by default (vector data)
+
+
+def component_planes(c: dict, width: int) -> list[tuple[str, int]]:
+    """(name, feature index) of the features pictured over the map: component_planes, or the first 8."""
+    names = (c.get("preprocessing") or {}).get("feature_names") or [f"feature_{j}" for j in range(width)]
+    requested = c.get("component_planes")
+    if requested is None:
+        return [(names[j], j) for j in range(min(COMPONENT_PLANES, width))]
+    planes = []
+    for v in requested:
+        j = names.index(v) if isinstance(v, str) and v in names else v
+        if not isinstance(j, int) or not 0 <= j < width:
+            raise SetupError(f"config component_planes: {v!r} is not a feature; give names of {', '.join(names[:8])}"
+                             f"{' ...' if width > 8 else ''} or indices 0 to {width - 1}")
+        planes.append((names[j], j))
+    return planes
 
 
 @torch.no_grad()
-def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray, c: dict, phase: str, step: int,
+def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray | None, c: dict, phase: str, step: int,
                  projector: bool) -> None:
     """The map as TensorBoard pictures under `<phase>/...`, from one encoder pass over the evaluation set (x, y)
     with the evaluation's z.
 
-    decoded_som: every prototype decoded, laid out as the H x W grid; reconstructions: rows of inputs of the
-    set's first samples, each above its reconstruction (posterior mean); hit_map, majority_label (faded as the
-    node's purity falls), node_purity, u_matrix: one cell per node; with `projector`, the latent codes of the
-    first PROJECTOR_SAMPLES samples in the embedding projector.
+    Images: decoded_som, every prototype decoded, laid out as the H x W grid (RGB with 3 channels, else the
+    channels' mean); reconstructions, rows of inputs of the set's first samples, each above its reconstruction
+    (posterior mean). Vectors: component_planes/<feature>, each chosen feature's decoded value over the map.
+    Both: hit_map and u_matrix, one cell per node, and with labels majority_label (faded as the node's purity falls)
+    and node_purity; with `projector`, the latent codes of the first PROJECTOR_SAMPLES samples in the embedding
+    projector.
     """
     out = infer(model, x, c["batch_size"], c["eval_sample"], decode=False)
     bmu = out["dist"].argmin(1).cpu().numpy()
     H, W = model.som_dim
     E = model.embeddings.view(H * W, -1)                                      # (H*W, D)
+    shape = model.input_shape
+    images = len(shape) == 3
     was_training = model.training
     model.eval()
-    log.image(f"{phase}/decoded_som", image_grid(torch.sigmoid(model.decode(E)).view(-1, 28, 28), H, W), step)
-    cols = min(PAIR_COLS, len(x))
-    rows = min(PAIR_ROWS, len(x) // cols)
-    inputs = x[:rows * cols]                                                  # (rows*cols, 784)
-    recon = torch.sigmoid(model.decode(model.encode(inputs)[0]))
-    pairs = torch.stack([inputs.view(rows, cols, 784), recon.view(rows, cols, 784)], 1)   # (rows, 2, cols, 784)
-    log.image(f"{phase}/reconstructions", image_grid(pairs.view(-1, 28, 28), 2 * rows, cols), step)
+    decoded = model.mean(model.decode(E))                                     # (H*W, F)
+    if images:
+        log.image(f"{phase}/decoded_som", picture_grid(decoded, shape, H, W), step)
+        cols = min(PAIR_COLS, len(x))
+        rows = min(PAIR_ROWS, len(x) // cols)
+        inputs = x[:rows * cols]                                              # (rows*cols, F)
+        recon = model.mean(model.decode(model.encode(inputs)[0]))
+        pairs = torch.stack([inputs.view(rows, cols, -1), recon.view(rows, cols, -1)], 1)   # (rows, 2, cols, F)
+        log.image(f"{phase}/reconstructions", picture_grid(pairs.view(rows * 2 * cols, -1), shape, 2 * rows, cols),
+                  step)
+    else:
+        for name, j in component_planes(c, shape[0]):
+            log.image(f"{phase}/component_planes/{name.replace('/', '_')}",
+                      heatmap(decoded[:, j].view(H, W).cpu().numpy()), step)
     model.train(was_training)
-    hits, majority, purity = node_statistics(bmu, y, H * W)
-    log.image(f"{phase}/hit_map", heatmap(hits.reshape(H, W), lo=0), step)
-    log.image(f"{phase}/majority_label", label_map(majority.reshape(H, W), purity.reshape(H, W)), step)
-    log.image(f"{phase}/node_purity", heatmap(np.where(hits > 0, purity, np.nan).reshape(H, W), lo=0, hi=1), step)
+    log.image(f"{phase}/hit_map", heatmap(np.bincount(bmu, minlength=H * W).reshape(H, W), lo=0), step)
+    if y is not None:
+        codes = y if np.issubdtype(y.dtype, np.integer) else np.unique(y, return_inverse=True)[1]
+        hits, majority, purity = node_statistics(bmu, codes, H * W)
+        log.image(f"{phase}/majority_label", label_map(majority.reshape(H, W), purity.reshape(H, W)), step)
+        log.image(f"{phase}/node_purity", heatmap(np.where(hits > 0, purity, np.nan).reshape(H, W), lo=0, hi=1), step)
     u = u_matrix(E, model.neighbours, model.neighbour_mask)                  # (H*W,)
     log.image(f"{phase}/u_matrix", heatmap(u.view(H, W).cpu().numpy()), step)
     if projector:
         n = min(PROJECTOR_SAMPLES, len(x))
-        log.embedding(phase, out["z"][:n].cpu(), y[:n], bmu[:n], x[:n].view(-1, 1, 28, 28).cpu(), step)
+        sprites = (x[:n].view(n, *shape).cpu() if images and shape[0] in (1, 3) and model.likelihood == "bernoulli"
+                   else None)                                                 # the projector shows [0, 1] images
+        log.embedding(phase, out["z"][:n].cpu(), None if y is None else y[:n], bmu[:n], sprites, step)
 
 
 def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None,
@@ -533,10 +606,35 @@ def given_keys(run) -> set[str]:
 
 
 def load_data_or_explain(c: dict, **sizes) -> dict:
+    """x_train, y_train, x_eval, y_eval (labels None without them) and the Preprocessing: MNIST's, or the data_path
+    file's, with the statistics c["preprocessing"] holds (a checkpoint's) or those of this training split."""
     try:
-        return load_data(c["data_set"], c["data_dir"], c["validation"], **sizes)
+        if c["data_path"] is None:
+            data = load_data(c["data_set"], c["data_dir"], c["validation"], **sizes)
+            data["preprocessing"] = Preprocessing(MNIST_SHAPE, "max")
+        else:
+            pre = Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else None
+            data = load_user_data(c["data_path"], c["validation"], c["likelihood"], c["normalize"], c["channels"],
+                                  c["label_column"], pre, **sizes)
     except DataError as e:
         raise SetupError(f"data: {e}") from None
+    if c["convolution"]:
+        try:
+            check_conv_shape(data["preprocessing"].shape)
+        except ValueError as e:
+            raise SetupError(f"config {e}") from None
+    return data
+
+
+def data_description(c: dict, pre: Preprocessing) -> str:
+    return c["data_set"] if c["data_path"] is None else f"{c['data_path']} ({pre.describe()})"
+
+
+def report_metrics(metrics: dict, labelled: bool) -> None:
+    for name, value in metrics.items():
+        print(f"  {name:<20}{value:>10.4f}" if isinstance(value, float) else f"  {name:<20}{value:>10}")
+    if not labelled:
+        print(f"  no labels: {LABEL_METRICS} skipped")
 
 
 @ex.command
@@ -556,13 +654,13 @@ def evaluate(_config: dict, _run) -> dict:
         state = load_checkpoint(_config["checkpoint"], device)
     except FileNotFoundError as e:
         raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
-    ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "device"}
+    ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "data_path", "device"}
                      if state["config"].get(k, _config[k]) != _config[k])
     if ignored:
         print(f"evaluate uses the checkpoint's own config; ignored: "
               + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
-    data_dir = _config["data_dir"] if "data_dir" in given_keys(_run) else state["config"]["data_dir"]
-    c = {**_config, **state["config"], "data_dir": data_dir}   # keys the checkpoint predates keep the defaults
+    moved = {k: _config[k] for k in ("data_dir", "data_path") if k in given_keys(_run)}   # the files may have moved
+    c = {**_config, **DATA_KEY_DEFAULTS, **state["config"], **moved}   # keys the checkpoint predates keep defaults
     model = build_model(c).to(device)
     model.load_state_dict(state["model"])
     data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
@@ -570,16 +668,69 @@ def evaluate(_config: dict, _run) -> dict:
     metrics, bmu = evaluate_model(model, x, data["y_eval"], c["batch_size"], c["eval_sample"])
     split = "validation" if c["validation"] else "test"
     print(f"{state['path']}: phase {state['phase']}, global step {state['global_step']}, "
-          f"{len(x)} {c['data_set']} {split} images")
-    for name, value in metrics.items():
-        print(f"  {name:<20}{value:>10.4f}" if isinstance(value, float) else f"  {name:<20}{value:>10}")
+          f"{len(x)} {data_description(c, data['preprocessing'])} {split} samples")
+    report_metrics(metrics, data["y_eval"] is not None)
     stem = os.path.join(os.path.dirname(os.path.abspath(state["path"])), f"evaluation_{split}")
     with open(stem + ".json", "w") as f:
         json.dump({"checkpoint": os.path.abspath(state["path"]), "global_step": state["global_step"], "set": split,
                    "samples": len(x), "metrics": metrics}, f, indent=2)
-    np.savez(stem + ".npz", bmu=bmu, label=data["y_eval"])
+    np.savez(stem + ".npz", bmu=bmu, **({} if data["y_eval"] is None else {"label": data["y_eval"]}))
     print(f"wrote {stem}.json and {stem}.npz")
     return metrics
+
+
+@ex.command
+def assign(_config: dict, _run) -> dict:
+    """Place samples on a trained map: python dpsom.py assign with checkpoint=RUN data_path=FILE.
+
+    Every sample of the file's x is transformed with the checkpoint's stored preprocessing and encoded as the
+    run's evaluation does (posterior mean, or its seeded sample with eval_sample). Writes assignments.csv (per
+    sample: BMU index, grid row and column, Euclidean distance to the BMU, q of the BMU, label where the file has
+    labels) and assignments.npz (the same with the whole soft assignment q, (N, nodes)) into the checkpoint's run
+    folder.
+    """
+    if _config["checkpoint"] is None:
+        raise SetupError("config checkpoint=None: give the run folder or checkpoint file of the trained map")
+    if _config["data_path"] is None:
+        raise SetupError("config data_path=None: give the file holding the samples to place (.npz, .npy or .csv)")
+    device = pick_device(_config["device"])
+    try:
+        state = load_checkpoint(_config["checkpoint"], device)
+    except FileNotFoundError as e:
+        raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+    c = {**_config, **DATA_KEY_DEFAULTS, **state["config"]}
+    pre = Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else Preprocessing(MNIST_SHAPE, "max")
+    given = given_keys(_run)
+    channels = _config["channels"] if "channels" in given else c["channels"]
+    # the run's label column, where the new file has it too; a label_column given here must exist
+    label_column = _config["label_column"] if "label_column" in given else c["label_column"]
+    try:
+        x, y = load_for_assign(_config["data_path"], pre, c["likelihood"], channels, label_column,
+                               label_optional="label_column" not in given)
+    except DataError as e:
+        raise SetupError(f"data: {e}") from None
+    model = build_model(c).to(device)
+    model.load_state_dict(state["model"])
+    dist = infer(model, torch.as_tensor(x, device=device), c["batch_size"], c["eval_sample"], decode=False)["dist"]
+    q = model.soft_assign(dist)                                                # (N, H*W)
+    bmu = dist.argmin(1)
+    W = model.som_dim[1]
+    out = {"bmu": bmu, "row": bmu // W, "column": bmu % W,
+           "distance": dist.gather(1, bmu[:, None]).squeeze(1).sqrt(), "q_bmu": q.gather(1, bmu[:, None]).squeeze(1)}
+    out = {k: v.cpu().numpy() for k, v in out.items()}
+    labels = {} if y is None else {"label": y}
+    folder = os.path.dirname(os.path.abspath(state["path"]))
+    stem = os.path.join(folder, "assignments")
+    np.savez(stem + ".npz", **out, q=q.cpu().numpy(), **labels, source=os.path.abspath(_config["data_path"]))
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample", *out, *labels])
+        columns = [out["bmu"], out["row"], out["column"], out["distance"].tolist(), out["q_bmu"].tolist(),
+                   *labels.values()]
+        writer.writerows(zip(range(len(x)), *columns))
+    print(f"placed {len(x)} samples of {_config['data_path']} on the {model.som_dim[0]}x{W} map of {state['path']}; "
+          f"{int((np.bincount(out['bmu'], minlength=q.shape[1]) > 0).sum())} nodes hit; wrote {stem}.csv and {stem}.npz")
+    return {"samples": len(x), "path": stem}
 
 
 @ex.main
@@ -616,9 +767,16 @@ def main(_config: dict, _run) -> dict:
                              f"resume={os.path.dirname(taken)}, or choose another logdir (the default is a new folder)")
     data = load_data_or_explain(c, max_train_samples=c["max_train_samples"], max_eval_samples=c["max_eval_samples"])
     check_config(c, n_train=len(data["x_train"]))
-    print(f"DPSOM on {c['data_set']} ({c['arch']}), {len(data['x_train'])} training images, "
-          f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} images, device {device}, "
+    pre = data["preprocessing"]
+    c["input_shape"], c["preprocessing"] = pre.shape, pre.to_dict()   # kept in the checkpoint with the config
+    if not pre.is_image:
+        component_planes(c, pre.shape[0])                             # a wrong feature name fails now, not later
+    print(f"DPSOM on {data_description(c, pre)} ({c['arch']}), {len(data['x_train'])} training samples, "
+          f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} samples, device {device}, "
           f"logdir {c['logdir']}")
+    if data["y_eval"] is None:
+        print(f"no labels: the run reports reconstruction, quantization and topographic error and map usage; "
+              f"{LABEL_METRICS} are skipped")
     results = []
     for i, (sub, seed) in enumerate(runs):
         logdir = os.path.join(c["logdir"], sub) if sub else c["logdir"]
@@ -637,6 +795,8 @@ def main(_config: dict, _run) -> dict:
     with open(os.path.join(c["logdir"], "result.json"), "w") as f:   # what a sweep collects
         json.dump(result, f, indent=2)
     print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    if data["y_eval"] is None:
+        print(f"no labels: {LABEL_METRICS} skipped")
     return result
 
 

@@ -15,14 +15,15 @@ Q_EPS = 1e-7             # added to the Student's t kernel before normalising (K
 TRIL_DIAG_SHIFT = 1e-5   # tfp FillScaleTriL(diag_shift=1e-5): softplus(diag) + 1e-5
 TF_BN_EPS = 1e-3         # Keras BatchNormalization's default epsilon
 LEAKY_SLOPE = 0.2        # tf.nn.leaky_relu's default slope
-IMAGE_PIXELS = 28 * 28
+MNIST_SHAPE = (1, 28, 28)  # (C, H, W) of the default data
+LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 class Output(NamedTuple):
     loc: torch.Tensor        # (B, D) posterior mean
     scale: torch.Tensor      # (B, D) log-variance ("diag") or (B, D, D) lower-triangular scale ("tril")
     z: torch.Tensor          # (B, D) the one sample shared by decoder, distances, q and losses
-    logits: Optional[torch.Tensor]  # (B, 784) Bernoulli logits, None when decoding was skipped
+    logits: Optional[torch.Tensor]  # (B, F) Bernoulli logits or Gaussian means, None when decoding was skipped
     dist: torch.Tensor       # (B, H*W) squared distances ||z_i - E_j||^2
     q: torch.Tensor          # (B, H*W) Student's t soft assignments
 
@@ -52,6 +53,30 @@ def _block(layer: nn.Module, width: int, frozen_bn_after_act: bool, conv: bool) 
     if frozen_bn_after_act:
         return nn.Sequential(layer, act, FrozenBatchNorm(width))
     return nn.Sequential(layer, nn.BatchNorm2d(width) if conv else nn.BatchNorm1d(width), act)
+
+
+def nll_per_sample(x: torch.Tensor, out: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """(B,) negative log-likelihood of each sample x (B, F), summed over features.
+
+    bernoulli: out are logits, BCE with logits. gaussian: out are means, N(mean, 1) per feature:
+    0.5 * (x - mean)^2 + 0.5 * log(2 pi).
+    """
+    if likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+    return 0.5 * ((x - out) ** 2).sum(1) + 0.5 * x.shape[1] * math.log(2 * math.pi)
+
+
+def check_conv_shape(shape: tuple) -> None:
+    """The convolutional networks take images (C, H, W) whose sides two 2x poolings halve exactly."""
+    if len(shape) != 3:
+        raise ValueError(f"convolution=True needs images (C, H, W); these samples are vectors of {shape[0]} "
+                         f"features: use the dense model (convolution=False)")
+    _, H, W = shape
+    if H % 4 or W % 4 or H < 4 or W < 4:
+        fit = lambda n: f"{max(4, n - n % 4)} or {n + (-n) % 4}" if n % 4 else str(n)
+        raise ValueError(f"convolution=True halves the image twice, so both sides must be multiples of 4; these "
+                         f"images are {H}x{W}: crop or pad them to {fit(H)} by {fit(W)} pixels, or use the dense "
+                         f"model (convolution=False)")
 
 
 def tril_fill_index(n: int) -> torch.Tensor:
@@ -91,12 +116,21 @@ class DPSOM(nn.Module):
                  beta: float = 0.25, gamma: float = 20.0, theta: float = 1.0, prior: float = 0.5,
                  prior_var: float = 1.0, dropout: float = 0.4, convolution: bool = False,
                  toroidal: bool = True, posterior: str = "diag", batchnorm: str = "standard",
-                 leaky_logits: bool = False, amp: bool = False):
+                 leaky_logits: bool = False, amp: bool = False, input_shape: tuple = MNIST_SHAPE,
+                 likelihood: str = "bernoulli"):
+        """input_shape: one sample, (D,) for vectors or (C, H, W) for images (inputs come flattened, (B, C*H*W));
+        likelihood: "bernoulli" (values in [0, 1], the decoder gives logits) or "gaussian" (unit variance per
+        feature, the decoder gives means)."""
         super().__init__()
         if posterior not in ("diag", "tril"):
             raise ValueError(f"posterior must be 'diag' or 'tril', got {posterior!r}")
         if batchnorm not in ("standard", "frozen"):
             raise ValueError(f"batchnorm must be 'standard' or 'frozen', got {batchnorm!r}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.input_shape, self.likelihood = tuple(input_shape), likelihood
+        if convolution:
+            check_conv_shape(self.input_shape)
         self.latent_dim, self.som_dim = latent_dim, tuple(som_dim)
         self.alpha, self.beta, self.gamma, self.theta = alpha, beta, gamma, theta
         self.prior, self.prior_var = prior, prior_var
@@ -105,26 +139,29 @@ class DPSOM(nn.Module):
         frozen = batchnorm == "frozen"
         D = latent_dim
 
+        width = math.prod(self.input_shape)                            # F, 784 for MNIST
         if convolution:
+            C, Hi, Wi = self.input_shape
+            self.feature_map = (Hi // 4, Wi // 4)                        # (7, 7) for MNIST: two 2x poolings
             conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1)
             self.encoder = nn.Sequential(
-                _block(conv(1, 32), 32, frozen, True), nn.MaxPool2d(2),
+                _block(conv(C, 32), 32, frozen, True), nn.MaxPool2d(2),
                 _block(conv(32, 64), 64, frozen, True), nn.MaxPool2d(2),
                 _block(conv(64, 128), 128, frozen, True),
                 _block(conv(128, 256), 256, frozen, True))
-            features = 7 * 7 * 256
+            features = math.prod(self.feature_map) * 256
             self.decoder_in = nn.Sequential(nn.Linear(D, features), nn.LeakyReLU(LEAKY_SLOPE))  # no BN
             convt = lambda i, o: nn.ConvTranspose2d(i, o, 3, padding=1)
             self.decoder = nn.Sequential(
                 _block(convt(256, 128), 128, frozen, True),
                 _block(convt(128, 64), 64, frozen, True), nn.Upsample(scale_factor=2, mode="nearest"),
                 _block(convt(64, 32), 32, frozen, True), nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(32, 1, 3, padding=1))
+                nn.Conv2d(32, C, 3, padding=1))
         else:
             # Port: dropout after encoder layers 1 and 2. Deviation: the reference's Dropout was inactive.
             drop = (lambda: nn.Dropout(dropout)) if dropout > 0 else nn.Identity
             self.encoder = nn.Sequential(
-                _block(nn.Linear(IMAGE_PIXELS, 500), 500, frozen, False), drop(),
+                _block(nn.Linear(width, 500), 500, frozen, False), drop(),
                 _block(nn.Linear(500, 500), 500, frozen, False), drop(),
                 _block(nn.Linear(500, 2000), 2000, frozen, False))
             features = 2000
@@ -133,7 +170,7 @@ class DPSOM(nn.Module):
                 _block(nn.Linear(D, 2000), 2000, frozen, False),
                 _block(nn.Linear(2000, 500), 500, frozen, False),
                 _block(nn.Linear(500, 500), 500, frozen, False),
-                nn.Linear(500, IMAGE_PIXELS))
+                nn.Linear(500, width))
         head_width = 2 * D if posterior == "diag" else D + D * (D + 1) // 2
         self.head = nn.Linear(features, head_width)
         H, W = self.som_dim
@@ -153,11 +190,12 @@ class DPSOM(nn.Module):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 784) in [0, 1] -> posterior loc (B, D) and log-variance (B, D) or scale_tril (B, D, D)."""
+        """x (B, F) -> posterior loc (B, D) and log-variance (B, D) or scale_tril (B, D, D)."""
         with self._autocast(x.device):
             if self.convolution:
-                h = self.encoder(x.view(-1, 1, 28, 28) - 0.5)          # (B, 256, 7, 7)
-                h = h.permute(0, 2, 3, 1).flatten(1)                   # (B, 12544), TF's H,W,C order
+                h = x.view(-1, *self.input_shape)                      # (B, C, H, W)
+                h = self.encoder(h - 0.5 if self.likelihood == "bernoulli" else h)  # centre [0, 1] pixels
+                h = h.permute(0, 2, 3, 1).flatten(1)                   # (B, 12544) for MNIST, TF's H,W,C order
             else:
                 h = self.encoder(x)                                    # (B, 2000)
         o = self.head(h.to(x.dtype))    # float32 even under amp: z feeds the SOM's distances
@@ -178,15 +216,19 @@ class DPSOM(nn.Module):
         return loc + (scale @ eps.unsqueeze(-1)).squeeze(-1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, D) -> Bernoulli logits (B, 784)."""
+        """z (B, D) -> Bernoulli logits or Gaussian means (B, F)."""
         with self._autocast(z.device):
             h = self.decoder_in(z)
             if self.convolution:
-                h = h.view(-1, 7, 7, 256).permute(0, 3, 1, 2)        # TF's NHWC reshape, then NCHW
-            logits = self.decoder(h).flatten(1).to(z.dtype)            # (B, 784)
+                h = h.view(-1, *self.feature_map, 256).permute(0, 3, 1, 2)   # TF's NHWC reshape, then NCHW
+            logits = self.decoder(h).flatten(1).to(z.dtype)            # (B, F)
         # tf_original: the reference's last dense layer had activation=leaky_relu on its logits; its conv
         # decoder ends in a linear Conv2D, so the switch only concerns the dense decoder.
         return F.leaky_relu(logits, LEAKY_SLOPE) if self.leaky_logits and not self.convolution else logits
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """The decoder's expected value of x: sigmoid of the logits (Bernoulli) or the means themselves."""
+        return torch.sigmoid(logits) if self.likelihood == "bernoulli" else logits
 
     # ---- SOM ------------------------------------------------------------------------------------
     def distances(self, z: torch.Tensor) -> torch.Tensor:
@@ -222,8 +264,8 @@ class DPSOM(nn.Module):
 
     # ---- loss terms -----------------------------------------------------------------------------
     def nll(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Bernoulli negative log-likelihood summed over pixels, mean over the batch."""
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1).mean()
+        """Negative log-likelihood summed over features, mean over the batch (see nll_per_sample)."""
+        return nll_per_sample(x, logits, self.likelihood).mean()
 
     def kl_prior(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Analytic KL(q(z|x) || N(0, prior_var^2 I)), mean over the batch (prior_var is a std)."""

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
+from dpsom_model import nll_per_sample
+
 
 # ---- clustering -------------------------------------------------------------------------------------
 def contingency(clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -66,12 +68,13 @@ def clustering_metrics(clusters: np.ndarray, labels: np.ndarray, n_clusters: int
 
 
 # ---- reconstruction, topology, map usage ----------------------------------------------------------
-def reconstruction_errors(x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample (B,): Bernoulli NLL (BCE with logits summed over pixels; its batch mean is DPSOM.nll)
-    and the mean squared error of sigmoid(logits) over pixels."""
-    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)   # (B,)
-    mse = ((torch.sigmoid(logits) - x) ** 2).mean(1)                                # (B,)
-    return nll, mse
+def reconstruction_errors(x: torch.Tensor, out: torch.Tensor,
+                          likelihood: str = "bernoulli") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (B,): the NLL (summed over features; its batch mean is DPSOM.nll) and the mean squared error
+    of the decoded mean over features. out: Bernoulli logits (the mean is their sigmoid) or Gaussian means."""
+    nll = nll_per_sample(x, out, likelihood)                                        # (B,)
+    mean = torch.sigmoid(out) if likelihood == "bernoulli" else out
+    return nll, ((mean - x) ** 2).mean(1)
 
 
 def quantization_error(dist: torch.Tensor) -> float:
@@ -133,6 +136,19 @@ def image_grid(images: torch.Tensor, rows: int, cols: int, pad: int = 1) -> torc
     tiles = F.pad(images.reshape(rows, cols, h, w), (pad, 0, pad, 0), value=0.5)   # (rows, cols, h+pad, w+pad)
     grid = tiles.permute(0, 2, 1, 3).reshape(rows * (h + pad), cols * (w + pad))
     return F.pad(grid, (0, pad, 0, pad), value=0.5).unsqueeze(0)
+
+
+def picture_grid(images: torch.Tensor, shape: tuple, rows: int, cols: int) -> torch.Tensor:
+    """(rows*cols, C*h*w) images, channels first -> one (3 or 1, ...) picture as image_grid lays it out: RGB when
+    C is 3, else the channels' mean. Values outside [0, 1] (Gaussian data) are stretched over it."""
+    C, h, w = shape
+    pictures = images.reshape(-1, C, h, w)
+    if C != 3:
+        pictures = pictures.mean(1, keepdim=True)
+    lo, hi = pictures.min(), pictures.max()
+    if lo < 0 or hi > 1:
+        pictures = (pictures - lo) / (hi - lo).clamp(min=1e-12)
+    return torch.cat([image_grid(pictures[:, k], rows, cols) for k in range(pictures.shape[1])])
 
 
 def heatmap(values: np.ndarray, lo: float | None = None, hi: float | None = None, cell: int = CELL) -> np.ndarray:

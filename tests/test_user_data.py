@@ -1,0 +1,226 @@
+"""Your own data: files of vectors or images, with or without labels, through the real entry points; `assign`;
+every bad input with its message."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dpsom
+from dpsom_model import DPSOM
+from user_data import Preprocessing, apply_preprocessing, as_samples, fit_preprocessing, load_user_data
+
+TINY = dict(validation=True, batch_size=100, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1],
+            num_epochs=1, latent_dim=8, som_dim=[4, 4], log_every=5, seed=3)
+LABEL_FREE = {"nll", "mse", "quantization_error", "topographic_error", "nodes_used", "occupancy_entropy"}
+
+
+def run(tmp_path, name="run", command="main", **updates):
+    config = {**TINY, "logdir": str(tmp_path / name), "pretrain_path": str(tmp_path / "pre.pt"), **updates}
+    return dpsom.ex.run(command, config_updates=config, options={"--loglevel": "ERROR"})
+
+
+def gaussian_clusters(n=1500, k=6, d=20, seed=0):
+    """k well-separated clusters in d dimensions, features on very different scales and offsets."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(100).normal(0, 4, (k, d))
+    y = rng.integers(0, k, n)
+    scales, offsets = np.geomspace(0.5, 50, d), np.linspace(-100, 100, d)
+    x = (centres[y] + rng.normal(0, 1, (n, d))) * scales + offsets
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    d = load_digits()
+    folder = tmp_path_factory.mktemp("digits")
+    np.savez(folder / "digits.npz", x=d.data, y=d.target)                  # vectors of 64 features
+    np.savez(folder / "images.npz", x=d.images)                            # 8x8 images, no labels
+    with open(folder / "digits.csv", "w", newline="") as f:                # the same vectors, labels in a column
+        w = csv.writer(f)
+        w.writerow([f"p{j}" for j in range(32)] + ["digit"] + [f"p{j}" for j in range(32, 64)])
+        for row, label in zip(d.data, d.target):
+            w.writerow([f"{v:g}" for v in row[:32]] + [int(label)] + [f"{v:g}" for v in row[32:]])
+    return folder
+
+
+def test_gaussian_clusters_reach_high_purity(tmp_path):
+    x, y = gaussian_clusters()
+    np.savez(tmp_path / "blobs.npz", x=x, y=y)
+    r = run(tmp_path, data_path=str(tmp_path / "blobs.npz"), likelihood="gaussian", normalize="standard",
+            epochs_pretrain=4, num_epochs=3)
+    assert r.result["purity"] >= 0.95 and r.result["nmi"] >= 0.9
+    # it reconstructs: below the NLL of predicting every standardised feature's mean, 0.5 * (1 + log 2 pi) each
+    assert r.result["nll"] < 20 * 0.5 * (1 + math.log(2 * math.pi))
+
+
+def test_digits_dense_with_labels_and_conv_without(tmp_path, digits):
+    dense = run(tmp_path, "dense", data_path=str(digits / "digits.npz"))
+    assert {"nmi", "purity", "ami", "ari"} <= set(dense.result) and 0.2 < dense.result["purity"] <= 1
+    ckpt = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["input_shape"] == (64,) and ckpt["model"]["encoder.0.0.weight"].shape == (500, 64)
+    conv = run(tmp_path, "conv", data_path=str(digits / "images.npz"), convolution=True)
+    assert set(conv.result) == LABEL_FREE
+    ckpt = torch.load(tmp_path / "conv" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["input_shape"] == (1, 8, 8) and ckpt["model"]["head.weight"].shape == (16, 2 * 2 * 256)
+    vec = EventAccumulator(str(tmp_path / "dense"), size_guidance={"images": 0})
+    img = EventAccumulator(str(tmp_path / "conv"), size_guidance={"images": 0})
+    vec.Reload(), img.Reload()
+    assert {"train/component_planes/feature_0", "train/majority_label", "train/hit_map"} <= set(vec.Tags()["images"])
+    assert "train/decoded_som" not in vec.Tags()["images"]
+    assert {"train/decoded_som", "train/reconstructions", "train/hit_map"} <= set(img.Tags()["images"])
+    assert "train/majority_label" not in img.Tags()["images"]             # no labels, no label pictures
+
+
+def test_csv_with_label_column_equals_npz(tmp_path, digits):
+    a = run(tmp_path, "npz", data_path=str(digits / "digits.npz"))
+    b = run(tmp_path, "csv", data_path=str(digits / "digits.csv"), label_column="digit",
+            component_planes=["p3", "p60"])
+    assert a.result == b.result
+    tags = EventAccumulator(str(tmp_path / "csv"), size_guidance={"images": 0})
+    tags.Reload()
+    planes = {t for t in tags.Tags()["images"] if "component_planes" in t}
+    assert planes == {"pretrain/component_planes/p3", "pretrain/component_planes/p60", "som_init/component_planes/p3",
+                      "som_init/component_planes/p60", "train/component_planes/p3", "train/component_planes/p60"}
+
+
+def test_assign_gives_evaluates_bmus_with_the_stored_statistics(tmp_path):
+    x, y = gaussian_clusters(seed=1)
+    x_test, y_test = gaussian_clusters(n=600, seed=2)
+    x_test, y_test = x_test[y_test < 2][:200], y_test[y_test < 2][:200]   # two clusters: other statistics than x's
+    np.savez(tmp_path / "train.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+    np.savez(tmp_path / "new.npz", x=x_test, y=y_test)
+    run(tmp_path, data_path=str(tmp_path / "train.npz"), likelihood="gaussian", normalize="standard", validation=False)
+    logdir = tmp_path / "run"
+    dpsom.ex.run("evaluate", config_updates={"checkpoint": str(logdir)}, options={"--loglevel": "ERROR"})
+    evaluated = np.load(logdir / "evaluation_test.npz")
+    dpsom.ex.run("assign", config_updates={"checkpoint": str(logdir), "data_path": str(tmp_path / "new.npz")},
+                 options={"--loglevel": "ERROR"})
+    placed = np.load(logdir / "assignments.npz")
+    np.testing.assert_array_equal(placed["bmu"], evaluated["bmu"])
+    np.testing.assert_array_equal(placed["label"], y_test)
+    assert placed["q"].shape == (200, 16) and np.allclose(placed["q"].sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(placed["row"] * 4 + placed["column"], placed["bmu"])
+    np.testing.assert_allclose(placed["q_bmu"], placed["q"][np.arange(200), placed["bmu"]])
+    with open(logdir / "assignments.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 200 and [int(r["bmu"]) for r in rows] == placed["bmu"].tolist()
+    assert float(rows[7]["distance"]) == pytest.approx(float(placed["distance"][7]))
+    # the check can fail: statistics recomputed on the new file move samples to other nodes
+    state = torch.load(logdir / "checkpoint.pt", weights_only=False)
+    model = dpsom.build_model(state["config"])
+    model.load_state_dict(state["model"])
+    refit = fit_preprocessing(x_test, (20,), "standard")
+    dist = dpsom.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), refit)), 100, False, decode=False)
+    assert (dist["dist"].argmin(1).numpy() != placed["bmu"]).mean() > 0.2
+
+
+def test_layouts_and_preprocessing():
+    nhwc = np.random.default_rng(0).random((5, 12, 16, 3)).astype(np.float32)
+    x, shape = as_samples(nhwc, "auto", "f")
+    assert shape == (3, 12, 16) and np.array_equal(x[2].reshape(3, 12, 16), nhwc[2].transpose(2, 0, 1))
+    x2, shape2 = as_samples(nhwc.transpose(0, 3, 1, 2), "auto", "f")
+    assert shape2 == shape and np.array_equal(x2, x)
+    assert as_samples(np.zeros((4, 9, 9)), "auto", "f")[1] == (1, 9, 9)
+    with pytest.raises(dpsom.DataError, match="channels=first or channels=last"):
+        as_samples(np.zeros((4, 5, 6, 5)), "auto", "f")
+    assert as_samples(np.zeros((4, 5, 6, 5)), "last", "f")[1] == (5, 5, 6)
+    x = np.array([[1, 10], [3, 10], [5, 10]], dtype=np.float32)
+    pre = fit_preprocessing(x, (2,), "standard")
+    np.testing.assert_allclose(pre.shift, [3, 10])
+    np.testing.assert_allclose(pre.scale, [math.sqrt(8 / 3), 1])                 # a constant feature gets scale 1
+    pre = fit_preprocessing(x, (2,), "minmax")
+    np.testing.assert_allclose(apply_preprocessing(np.array([[7, 10]], np.float32), pre, clip=True), [[1, 0]])
+    assert Preprocessing.from_dict(pre.to_dict()) is not pre and Preprocessing.from_dict(pre.to_dict()).shape == (2,)
+
+
+def test_networks_adapt_to_the_data_and_the_gaussian_nll_by_hand():
+    torch.manual_seed(0)
+    m = DPSOM(latent_dim=4, som_dim=(2, 3), convolution=True, input_shape=(3, 12, 16), likelihood="gaussian")
+    x = torch.randn(5, 3 * 12 * 16)
+    out = m(x)
+    assert out.logits.shape == (5, 576) and m.encoder[0][0].in_channels == 3 and m.decoder[-1].out_channels == 3
+    by_hand = 0.5 * ((x - out.logits) ** 2).sum(1) + 0.5 * 576 * math.log(2 * math.pi)
+    assert m.nll(x, out.logits).item() == pytest.approx(by_hand.mean().item(), rel=1e-6)
+    dense = DPSOM(latent_dim=4, som_dim=(2, 2), input_shape=(7,))
+    assert dense(torch.rand(3, 7)).logits.shape == (3, 7)
+    mnist = DPSOM(latent_dim=4, som_dim=(2, 2), convolution=True)                # today's shapes, unchanged
+    assert mnist.head.in_features == 7 * 7 * 256 and mnist(torch.rand(2, 784)).logits.shape == (2, 784)
+    with pytest.raises(ValueError, match=r"multiples of 4; these images are 30x30: crop or pad them to 28 or 32"):
+        DPSOM(convolution=True, input_shape=(1, 30, 30))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    f = tmp_path_factory.mktemp("bad")
+    x = np.random.default_rng(0).random((400, 5)).astype(np.float32)
+    np.savez(f / "ok.npz", x=x)
+    np.savez(f / "no_x.npz", data=x)
+    nan = x.copy()
+    nan[[17, 30, 31]] = np.nan
+    np.savez(f / "nan.npz", x=nan)
+    wide = x * 7 - 2
+    wide[:, :2] = [-2, 5]
+    np.savez(f / "wide.npz", x=wide)
+    np.savez(f / "labels.npz", x=x, y=np.zeros(399))
+    np.savez(f / "few.npz", x=x[:50])
+    np.savez(f / "odd.npz", x=np.random.default_rng(0).random((400, 30, 30)))
+    (f / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    header = "a,b,c\n"
+    (f / "ragged.csv").write_text(header + "1,2,3\n4,5\n")
+    (f / "text.csv").write_text(header + "1,2,3\n4,x,6\n")
+    (f / "empty.csv").write_text("")
+    (f / "data.txt").write_text("1,2\n")
+    return f
+
+
+BAD = [  # file, extra config, what the message must say
+    ("missing.npz", {}, r"data_path=.*missing.npz': no such file"),
+    ("data.txt", {}, r"unknown file type '.txt'"),
+    ("broken.npz", {}, r"cannot read it \(BadZipFile"),
+    ("no_x.npz", {}, r"holds \['data'\] but no array 'x'"),
+    ("nan.npz", {}, r"3 samples hold NaN or inf, the first at row 17"),
+    ("wide.npz", {"normalize": "none"}, r"values from -2 to 5 after normalize='none', outside \[0, 1\].*minmax"),
+    ("labels.npz", {}, r"400 samples but labels of shape \(399,\)"),
+    ("few.npz", {}, r"batch_size=100: is larger than the 42 training samples"),
+    ("odd.npz", {"convolution": True}, r"30x30: crop or pad them to 28 or 32 by 28 or 32"),
+    ("ok.npz", {"convolution": True}, r"vectors of 5 features: use the dense model"),
+    ("ok.npz", {"validation": False}, r"has no test set .*use validation=True"),
+    ("ok.npz", {"label_column": "y"}, r"label_column='y' names a column of a .csv"),
+    ("ok.npz", {"likelihood": "bernoulli", "normalize": "standard"}, r"normalize='standard'.*negative values"),
+    ("ok.npz", {"component_planes": ["nope"]}, r"component_planes: 'nope' is not a feature; give names of feature_0"),
+    ("ragged.csv", {}, r"line 3 has 2 fields, the header has 3 \(ragged CSV\)"),
+    ("text.csv", {}, r"line 3, column 2: 'x' is not a number"),
+    ("empty.csv", {}, r"the file is empty"),
+    ("ragged.csv", {"label_column": "d"}, r"no column 'd' for label_column; the header has a, b, c"),
+]
+
+
+@pytest.mark.parametrize("name, extra, message", BAD, ids=[f"{b[0]}-{'-'.join(b[1]) or 'plain'}" for b in BAD])
+def test_bad_input_fails_before_training_with_its_message(tmp_path, bad_files, name, extra, message):
+    with pytest.raises(dpsom.SetupError, match=message):
+        run(tmp_path, data_path=str(bad_files / name), **extra)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_assign_refuses_another_shape(tmp_path, bad_files):
+    run(tmp_path, data_path=str(bad_files / "ok.npz"), num_epochs=0, som_learning_rates=[])
+    np.savez(tmp_path / "six.npz", x=np.zeros((3, 6)))
+    with pytest.raises(dpsom.SetupError, match=r"samples of shape \(6,\) \(vectors of 6 features\); the checkpoint's "
+                                                r"model takes \(5,\) \(vectors of 5 features\)"):
+        dpsom.ex.run("assign", config_updates={"checkpoint": str(tmp_path / "run"), "data_path": str(tmp_path / "six.npz")},
+                     options={"--loglevel": "ERROR"})
+    with pytest.raises(dpsom.SetupError, match="config data_path=None: give the file"):
+        dpsom.ex.run("assign", config_updates={"checkpoint": str(tmp_path / "run")}, options={"--loglevel": "ERROR"})
+
+
+def test_the_loader_copies_the_samples_once(tmp_path):
+    x = np.random.default_rng(0).random((1000, 10)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    data = load_user_data(str(tmp_path / "x.npz"), True, "bernoulli", "minmax")
+    assert data["x_train"].dtype == np.float32 and data["x_train"].flags.c_contiguous
+    assert len(data["x_train"]) == 850 and len(data["x_eval"]) == 150 and data["y_train"] is None
+    assert data["x_train"].min() == 0 and data["x_train"].max() == 1
