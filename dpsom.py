@@ -637,6 +637,17 @@ def report_metrics(metrics: dict, labelled: bool) -> None:
         print(f"  no labels: {LABEL_METRICS} skipped")
 
 
+def saved_run(_config: dict, what: str) -> tuple[torch.device, dict]:
+    """The device and the checkpoint that `checkpoint=` names, for the evaluate and assign commands."""
+    if _config["checkpoint"] is None:
+        raise SetupError(f"config checkpoint=None: give the checkpoint file or run folder {what}")
+    device = pick_device(_config["device"])
+    try:
+        return device, load_checkpoint(_config["checkpoint"], device)
+    except FileNotFoundError as e:
+        raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+
+
 @ex.command
 def evaluate(_config: dict, _run) -> dict:
     """Evaluate a saved model without training: python dpsom.py evaluate with checkpoint=PATH [data_dir=...].
@@ -647,13 +658,7 @@ def evaluate(_config: dict, _run) -> dict:
     Prints every number and writes evaluation_<set>.json (the numbers) and evaluation_<set>.npz (per-sample
     bmu and label) into the checkpoint's run folder.
     """
-    if _config["checkpoint"] is None:
-        raise SetupError("config checkpoint=None: give the checkpoint file or run folder to evaluate")
-    device = pick_device(_config["device"])
-    try:
-        state = load_checkpoint(_config["checkpoint"], device)
-    except FileNotFoundError as e:
-        raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+    device, state = saved_run(_config, "to evaluate")
     ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "data_path", "device"}
                      if state["config"].get(k, _config[k]) != _config[k])
     if ignored:
@@ -689,15 +694,9 @@ def assign(_config: dict, _run) -> dict:
     labels) and assignments.npz (the same with the whole soft assignment q, (N, nodes)) into the checkpoint's run
     folder.
     """
-    if _config["checkpoint"] is None:
-        raise SetupError("config checkpoint=None: give the run folder or checkpoint file of the trained map")
     if _config["data_path"] is None:
         raise SetupError("config data_path=None: give the file holding the samples to place (.npz, .npy or .csv)")
-    device = pick_device(_config["device"])
-    try:
-        state = load_checkpoint(_config["checkpoint"], device)
-    except FileNotFoundError as e:
-        raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
+    device, state = saved_run(_config, "of the trained map")
     c = {**_config, **DATA_KEY_DEFAULTS, **state["config"]}
     pre = Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else Preprocessing(MNIST_SHAPE, "max")
     given = given_keys(_run)

@@ -243,6 +243,9 @@ def load_user_data(path: str, validation: bool, likelihood: str, normalize: str,
     y = arrays.get("y")
     check_labels(x, y, f"data_path={path!r}")
     check_finite(x, f"data_path={path!r}, x")
+    if len(x) < 2:
+        raise DataError(f"data_path={path!r}: {len(x)} sample(s); a run needs enough for a training and a "
+                        f"validation split and at least one batch")
     train_idx, val_idx = train_test_split(np.arange(len(x)), test_size=0.15, random_state=42)
     if validation:
         x_eval, y_eval = x[val_idx], None if y is None else y[val_idx]
