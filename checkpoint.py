@@ -64,7 +64,7 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
 
 
 # Keys a resumed run may change; every other key keeps the checkpoint's value.
-RESUMABLE_CHANGES = {"resume", "logdir", "device", "compile", "data_dir", "log_every", "num_epochs", "val_epochs",
+RESUMABLE_CHANGES = {"resume", "logdir", "device", "compile", "data_dir", "data_path", "log_every", "num_epochs", "val_epochs",
                      "seed", "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
 
 

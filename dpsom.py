@@ -346,7 +346,7 @@ def target_distribution(model: DPSOM, x: torch.Tensor, batch_size: int, sample: 
     return DPSOM.target_distribution(model.soft_assign(dist))
 
 
-LABEL_METRICS = "NMI, purity, AMI, ARI"
+LABEL_METRICS = "NMI, purity, AMI, ARI, accuracy"
 
 
 def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray | None, batch_size: int,
@@ -471,7 +471,12 @@ def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray | Non
     model.train(was_training)
     log.image(f"{phase}/hit_map", heatmap(np.bincount(bmu, minlength=H * W).reshape(H, W), lo=0), step)
     if y is not None:
-        codes = y if np.issubdtype(y.dtype, np.integer) else np.unique(y, return_inverse=True)[1]
+        classes, codes = np.unique(y, return_inverse=True)
+        if np.issubdtype(y.dtype, np.integer) and classes.min() >= 0 and classes.max() <= 9:
+            codes = y                                                         # digits draw as themselves
+        else:   # colours and glyphs of other labels are their codes 0, 1, ...: say which is which
+            log.writer.add_text(f"{phase}/majority_label_codes", ", ".join(f"{k}: {c}" for k, c in enumerate(classes)),
+                                step)
         hits, majority, purity = node_statistics(bmu, codes, H * W)
         log.image(f"{phase}/majority_label", label_map(majority.reshape(H, W), purity.reshape(H, W)), step)
         log.image(f"{phase}/node_purity", heatmap(np.where(hits > 0, purity, np.nan).reshape(H, W), lo=0, hi=1), step)
@@ -764,6 +769,9 @@ def main(_config: dict, _run) -> dict:
         if resume is None and os.path.exists(taken):
             raise SetupError(f"config logdir={c['logdir']!r}: {taken} holds another run; continue it with "
                              f"resume={os.path.dirname(taken)}, or choose another logdir (the default is a new folder)")
+    if resume is None and c["use_saved_pretrain"]:   # pretrained weights keep the normalisation they learnt with
+        saved = torch.load(c["pretrain_path"], map_location="cpu", weights_only=False)["config"]
+        c["preprocessing"] = saved.get("preprocessing")
     data = load_data_or_explain(c, max_train_samples=c["max_train_samples"], max_eval_samples=c["max_eval_samples"])
     check_config(c, n_train=len(data["x_train"]))
     pre = data["preprocessing"]
@@ -774,7 +782,7 @@ def main(_config: dict, _run) -> dict:
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} samples, device {device}, "
           f"logdir {c['logdir']}")
     if data["y_eval"] is None:
-        print(f"no labels: the run reports reconstruction, quantization and topographic error and map usage; "
+        print(f"no labels for the evaluation set: the run reports reconstruction, quantization and topographic error and map usage; "
               f"{LABEL_METRICS} are skipped")
     results = []
     for i, (sub, seed) in enumerate(runs):

@@ -73,7 +73,7 @@ def check_conv_shape(shape: tuple) -> None:
                          f"features: use the dense model (convolution=False)")
     _, H, W = shape
     if H % 4 or W % 4 or H < 4 or W < 4:
-        fit = lambda n: f"{max(4, n - n % 4)} or {n + (-n) % 4}" if n % 4 else str(n)
+        fit = lambda n: (f"{n - n % 4} or {n + (-n) % 4}" if n > 4 else "4") if n % 4 else str(n)
         raise ValueError(f"convolution=True halves the image twice, so both sides must be multiples of 4; these "
                          f"images are {H}x{W}: crop or pad them to {fit(H)} by {fit(W)} pixels, or use the dense "
                          f"model (convolution=False)")

@@ -6,6 +6,7 @@ order (F = C*H*W). `Preprocessing` holds the sample shape and the normalisation;
 evaluation and `assign` transform new files exactly as training did.
 """
 import csv
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass
@@ -54,8 +55,9 @@ class Preprocessing:
 
 
 # ---- reading -------------------------------------------------------------------------------------------
-def read_file(path: str, label_column: Optional[str] = None, label_optional: bool = False) -> dict:
-    """The arrays of a data file: x, and where present y, x_test, y_test, feature_names. Nothing is converted yet.
+def read_file(path: str, label_column: Optional[str] = None, label_optional: bool = False, test: bool = True) -> dict:
+    """The arrays of a data file: x, and where present y, x_test, y_test (only with `test`), feature_names. Nothing
+    is converted yet; a .npy is memory-mapped.
 
     label_optional: a CSV without the label_column has no labels (instead of being an error)."""
     suffix = os.path.splitext(path)[1].lower()
@@ -70,13 +72,20 @@ def read_file(path: str, label_column: Optional[str] = None, label_optional: boo
     try:
         if suffix == ".csv":
             return read_csv(path, label_column, label_optional)
+        loaded = np.load(path, mmap_mode="r" if suffix == ".npy" else None, allow_pickle=False)
         if suffix == ".npy":
-            return {"x": np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as f:
+            if not isinstance(loaded, np.ndarray):
+                loaded.close()
+                raise DataError(f"data_path={path!r} is a .npz archive (arrays {sorted(loaded.files)}): name it .npz")
+            return {"x": loaded}
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"data_path={path!r} holds a single array (the .npy format): name it .npy, or save "
+                            f"np.savez(path, x=samples, y=labels)")
+        with loaded as f:
             if "x" not in f.files:
                 raise DataError(f"data_path={path!r}: the .npz holds {sorted(f.files)} but no array 'x' (the samples); "
                                 f"save it with np.savez(path, x=samples, y=labels)")
-            out = {k: f[k] for k in ("x", "y", "x_test", "y_test") if k in f.files}
+            out = {k: f[k] for k in ("x", "y") + (("x_test", "y_test") if test else ()) if k in f.files}
             if "feature_names" in f.files:
                 out["feature_names"] = [str(n) for n in f["feature_names"]]
             return out
@@ -87,11 +96,17 @@ def read_file(path: str, label_column: Optional[str] = None, label_optional: boo
 
 
 def read_csv(path: str, label_column: Optional[str], label_optional: bool = False) -> dict:
-    """A numeric CSV with a header row; label_column (by name) becomes y, every other column a feature."""
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise DataError(f"data_path={path!r}: the file is empty; a .csv needs a header row and one row per sample")
+    """A numeric CSV with a header row; label_column (by name) becomes y, every other column a feature.
+    Every row must have the header's number of fields (a BOM before the header, as spreadsheets write, is fine)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if not header:
+            raise DataError(f"data_path={path!r}: the file is empty; a .csv needs a header row and one row per sample")
+        for line, row in enumerate(rows, start=2):    # numpy skips surplus fields when given usecols: check here
+            if row and len(row) != len(header):
+                raise DataError(f"data_path={path!r}: line {line} has {len(row)} fields, the header has "
+                                f"{len(header)} (ragged CSV)")
     header = [h.strip() for h in header]
     if label_optional and label_column not in header:
         label_column = None
@@ -102,14 +117,14 @@ def read_csv(path: str, label_column: Optional[str], label_optional: bool = Fals
     if not features:
         raise DataError(f"data_path={path!r}: no feature columns besides the label column")
     try:
-        x = np.loadtxt(path, delimiter=",", skiprows=1, usecols=features, dtype=np.float32, ndmin=2)
+        x = np.loadtxt(path, delimiter=",", skiprows=1, usecols=features, dtype=np.float32, ndmin=2, quotechar='"')
         y = None if label_column is None else np.loadtxt(path, delimiter=",", skiprows=1, dtype=str, ndmin=1,
-                                                         usecols=[header.index(label_column)])
+                                                         usecols=[header.index(label_column)], quotechar='"')
     except ValueError:
-        raise DataError(first_bad_csv_line(path, len(header), features)) from None
+        raise DataError(first_non_number(path, features)) from None
     if len(x) == 0:
         raise DataError(f"data_path={path!r}: a header row but no samples")
-    out = {"x": x, "feature_names": [header[i] for i in features]}
+    out = {"x": x, "feature_names": [header[i] for i in features], "csv": True}
     if y is not None:
         y = np.char.strip(y)
         try:
@@ -119,15 +134,11 @@ def read_csv(path: str, label_column: Optional[str], label_optional: bool = Fals
     return out
 
 
-def first_bad_csv_line(path: str, width: int, features: list) -> str:
-    """The message for a CSV numpy could not read: the first ragged or non-numeric line, counted from 1."""
-    with open(path, newline="") as f:
+def first_non_number(path: str, features: list) -> str:
+    """The message for a CSV numpy could not read: its first non-numeric feature field, by line (from 1)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for line, row in enumerate(csv.reader(f), start=1):
-            if line == 1 or not row:
-                continue
-            if len(row) != width:
-                return f"data_path={path!r}: line {line} has {len(row)} fields, the header has {width} (ragged CSV)"
-            for i in features:
+            for i in features if line > 1 and row else ():
                 try:
                     float(row[i])
                 except ValueError:
@@ -136,7 +147,7 @@ def first_bad_csv_line(path: str, width: int, features: list) -> str:
     return f"data_path={path!r}: not a numeric CSV with a header row"
 
 
-# ---- shape -----------------------------------------------------------------------------------------------
+# ---- shape and conversion --------------------------------------------------------------------------------
 def sample_shape(x: np.ndarray, channels: str, path: str) -> tuple[tuple, Optional[tuple]]:
     """(D,) or (C, H, W) of the samples, and the axes that bring a sample into channels-first order (or None)."""
     if x.ndim == 2:
@@ -156,36 +167,67 @@ def sample_shape(x: np.ndarray, channels: str, path: str) -> tuple[tuple, Option
                     f"(N, H, W, C) or (N, C, H, W)")
 
 
+BLOCK_BYTES = 1 << 24   # what one block of rows may take while it is converted or checked (16 MiB)
+
+
+def block_rows(row_bytes: int) -> int:
+    return max(1, BLOCK_BYTES // max(row_bytes, 1))
+
+
+def gather(x: np.ndarray, rows: np.ndarray, axes: Optional[tuple]) -> np.ndarray:
+    """float32 (len(rows), F) of the given samples, channels first: the one copy loading makes, filled a block of
+    rows at a time, so that a file of another type or layout never exists twice in full."""
+    out = np.empty((len(rows), math.prod(x.shape[1:])), dtype=np.float32)
+    step = block_rows(out.shape[1] * max(x.itemsize, 4))
+    for i in range(0, len(rows), step):
+        block = x[rows[i:i + step]]
+        out[i:i + step] = (block.transpose(axes) if axes else block).reshape(len(block), -1)
+    return out
+
+
 def as_samples(x: np.ndarray, channels: str, path: str) -> tuple[np.ndarray, tuple]:
-    """float32 (N, F) rows in channels-first order, and the sample shape. Copies only where the type or layout
-    needs it."""
+    """All samples as float32 (N, F) rows in channels-first order, and the sample shape."""
     shape, axes = sample_shape(x, channels, path)
-    if axes is not None:
-        x = x.transpose(axes)
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
-    return x, shape
+    return gather(x, np.arange(len(x)), axes), shape
 
 
 # ---- checks ------------------------------------------------------------------------------------------------
-def check_finite(x: np.ndarray, what: str) -> None:
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise DataError(f"{what}: {int(bad.sum())} samples hold NaN or inf, the first at row {int(np.argmax(bad))} "
-                        f"(counted from 0); remove or impute them")
+def check_finite(parts: list, what: str, csv_file: bool) -> None:
+    """parts: (samples (n, F), their rows in the file). NaN or inf anywhere: how many samples, and the first."""
+    bad = [np.zeros(0, dtype=np.int64)]
+    for x, rows in parts:
+        step = block_rows(x.shape[1])                          # a block at a time: no full-size boolean copy
+        for i in range(0, len(x), step):
+            bad.append(rows[i:i + step][~np.isfinite(x[i:i + step]).all(1)])
+    bad = np.concatenate(bad)
+    if len(bad):
+        first = f"line {bad.min() + 2} of the file" if csv_file else f"row {bad.min()} (counted from 0)"
+        raise DataError(f"{what}: {len(bad)} samples hold NaN or inf, the first at {first}; remove or impute them")
 
 
-def check_labels(x: np.ndarray, y: Optional[np.ndarray], what: str) -> None:
-    if y is not None and (y.ndim != 1 or len(y) != len(x)):
-        raise DataError(f"{what}: {len(x)} samples but labels of shape {y.shape}; give one label per sample")
+def check_labels(n: int, y: Optional[np.ndarray], what: str) -> None:
+    if y is not None and (y.ndim != 1 or len(y) != n):
+        raise DataError(f"{what}: {n} samples but labels of shape {y.shape}; give one label per sample")
 
 
-def check_unit_range(x: np.ndarray, what: str, normalize: str) -> None:
-    """Bernoulli targets must lie in [0, 1]."""
+def check_unit_range(x: np.ndarray, what: str, normalize: str, trained: bool = False) -> None:
+    """Bernoulli targets must lie in [0, 1]. trained: the checkpoint's normalisation, which cannot change now."""
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
+        fix = (f"the checkpoint's model was trained with likelihood='bernoulli' and normalize={normalize!r}, so its "
+               f"samples must lie in [0, 1] after that normalisation" if trained else
+               "use normalize='minmax', or likelihood='gaussian' (with normalize='standard' for real-valued features)")
         raise DataError(f"{what}: values from {lo:.4g} to {hi:.4g} after normalize={normalize!r}, outside [0, 1] "
-                        f"that likelihood='bernoulli' needs; use normalize='minmax', or likelihood='gaussian' "
-                        f"(with normalize='standard' for real-valued features)")
+                        f"that likelihood='bernoulli' needs; {fix}")
+
+
+def check_feature_names(names: Optional[list], shape: tuple, path: str) -> Optional[list]:
+    """Names of vector features, one per feature (None for images or when the file has none)."""
+    if names is None or len(shape) != 1:
+        return None
+    if len(names) != shape[0]:
+        raise DataError(f"data_path={path!r}: {len(names)} feature_names for samples of {shape[0]} features")
+    return names
 
 
 # ---- normalisation ---------------------------------------------------------------------------------------
@@ -202,16 +244,17 @@ def fit_preprocessing(x_train: np.ndarray, shape: tuple, normalize: str, feature
     return Preprocessing(tuple(shape), normalize, shift, scale, feature_names)
 
 
-def column_mean_std(x: np.ndarray, rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def column_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and (population) standard deviation in float64, two passes over blocks of rows, so that no
     float64 copy of x is made; returned as float32."""
+    step = block_rows(8 * x.shape[1])
     total = np.zeros(x.shape[1])
-    for i in range(0, len(x), rows):
-        total += x[i:i + rows].sum(axis=0, dtype=np.float64)
+    for i in range(0, len(x), step):
+        total += x[i:i + step].sum(axis=0, dtype=np.float64)
     mean = total / len(x)
     squares = np.zeros(x.shape[1])
-    for i in range(0, len(x), rows):
-        squares += ((x[i:i + rows] - mean) ** 2).sum(axis=0)
+    for i in range(0, len(x), step):
+        squares += ((x[i:i + step] - mean) ** 2).sum(axis=0)
     return mean.astype(np.float32), np.sqrt(squares / len(x)).astype(np.float32)
 
 
@@ -233,43 +276,44 @@ def apply_preprocessing(x: np.ndarray, pre: Preprocessing, clip: bool = False) -
 def load_user_data(path: str, validation: bool, likelihood: str, normalize: str, channels: str = "auto",
                    label_column: Optional[str] = None, pre: Optional[Preprocessing] = None,
                    max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None) -> dict:
-    """x_train, y_train, x_eval, y_eval (labels None when the file has none) and the Preprocessing.
+    """x_train, y_train, x_eval, y_eval (labels None where the file has none) and the Preprocessing.
 
     The 85/15 split is MNIST's, train_test_split(test_size=0.15, random_state=42) of the file's x; validation=False
     evaluates on the file's x_test. `pre` (a checkpoint's) replaces the statistics this split would give.
     """
-    arrays = read_file(path, label_column)
-    x, shape = as_samples(arrays.pop("x"), channels, path)
+    arrays = read_file(path, label_column, test=not validation)
+    raw = arrays.pop("x")
+    shape, axes = sample_shape(raw, channels, path)
     y = arrays.get("y")
-    check_labels(x, y, f"data_path={path!r}")
-    check_finite(x, f"data_path={path!r}, x")
-    if len(x) < 2:
-        raise DataError(f"data_path={path!r}: {len(x)} sample(s); a run needs enough for a training and a "
+    check_labels(len(raw), y, f"data_path={path!r}")
+    names = check_feature_names(arrays.get("feature_names"), shape, path)
+    if len(raw) < 2:
+        raise DataError(f"data_path={path!r}: {len(raw)} sample(s); a run needs enough for a training and a "
                         f"validation split and at least one batch")
-    train_idx, val_idx = train_test_split(np.arange(len(x)), test_size=0.15, random_state=42)
+    train_rows, val_rows = train_test_split(np.arange(len(raw)), test_size=0.15, random_state=42)
+    train_rows = train_rows[:max_train_samples]
+    x_train, y_train = gather(raw, train_rows, axes), None if y is None else y[train_rows]
     if validation:
-        x_eval, y_eval = x[val_idx], None if y is None else y[val_idx]
+        eval_rows = val_rows[:max_eval_samples]
+        x_eval, y_eval = gather(raw, eval_rows, axes), None if y is None else y[eval_rows]
+        check_finite([(x_train, train_rows), (x_eval, eval_rows)], f"data_path={path!r}, x", "csv" in arrays)
     elif "x_test" in arrays:
-        x_eval, test_shape = as_samples(arrays["x_test"], channels, path)
+        check_finite([(x_train, train_rows)], f"data_path={path!r}, x", "csv" in arrays)
+        test = arrays.pop("x_test")
+        test_shape, test_axes = sample_shape(test, channels, path)
         if test_shape != shape:
             raise DataError(f"data_path={path!r}: x_test samples have shape {test_shape}, x has {shape}")
         y_eval = arrays.get("y_test")
-        check_labels(x_eval, y_eval, f"data_path={path!r}, x_test")
-        if (y_eval is None) != (y is None):
-            raise DataError(f"data_path={path!r}: labels for {'x' if y is not None else 'x_test'} only; give y and "
-                            f"y_test both or neither")
-        check_finite(x_eval, f"data_path={path!r}, x_test")
+        check_labels(len(test), y_eval, f"data_path={path!r}, x_test")
+        eval_rows = np.arange(len(test))[:max_eval_samples]
+        x_eval, y_eval = gather(test, eval_rows, test_axes), None if y_eval is None else y_eval[eval_rows]
+        check_finite([(x_eval, eval_rows)], f"data_path={path!r}, x_test", False)
     else:
         raise DataError(f"data_path={path!r} has no test set (arrays x_test, y_test in a .npz): use validation=True "
                         f"to evaluate on the 15 % validation split")
-    x_train, y_train = x[train_idx], None if y is None else y[train_idx]
-    del x   # the split is the one copy: the file's array goes
-    if max_train_samples is not None:
-        x_train, y_train = x_train[:max_train_samples], None if y_train is None else y_train[:max_train_samples]
-    if max_eval_samples is not None:
-        x_eval, y_eval = x_eval[:max_eval_samples], None if y_eval is None else y_eval[:max_eval_samples]
+    del raw   # the splits are the one copy: the file's array goes
     if pre is None:
-        pre = fit_preprocessing(x_train, shape, normalize, arrays.get("feature_names"))
+        pre = fit_preprocessing(x_train, shape, normalize, names)
     elif pre.shape != shape:
         raise DataError(f"data_path={path!r}: samples of shape {shape}, the checkpoint's model takes {pre.shape}")
     bernoulli = likelihood == "bernoulli"
@@ -286,18 +330,26 @@ def load_for_assign(path: str, pre: Preprocessing, likelihood: str, channels: st
                     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Every sample of a file's x, transformed with a checkpoint's preprocessing, and its labels (or None).
     label_optional: the training run's label column, used where this file has it."""
-    arrays = read_file(path, label_column, label_optional)
-    x, shape = as_samples(arrays.pop("x"), channels, path)
-    if not x.flags.writeable:   # a memory-mapped .npy: normalise a copy
-        x = x.copy()
+    arrays = read_file(path, label_column, label_optional, test=False)
+    raw = arrays.pop("x")
+    shape, axes = sample_shape(raw, channels, path)
     if shape != pre.shape:
         raise DataError(f"data_path={path!r}: samples of shape {shape} ({Preprocessing(shape, '').describe()}); "
                         f"the checkpoint's model takes {pre.shape} ({pre.describe()})")
+    names = check_feature_names(arrays.get("feature_names"), shape, path)
+    if names is not None and pre.feature_names is not None and names != pre.feature_names:
+        raise DataError(f"data_path={path!r}: features {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}; "
+                        f"the checkpoint's model takes {', '.join(pre.feature_names[:10])}"
+                        f"{' ...' if len(names) > 10 else ''} in this order")
+    if len(raw) == 0:
+        raise DataError(f"data_path={path!r}: no samples to place")
     y = arrays.get("y")
-    check_labels(x, y, f"data_path={path!r}")
-    check_finite(x, f"data_path={path!r}, x")
+    check_labels(len(raw), y, f"data_path={path!r}")
+    x = gather(raw, np.arange(len(raw)), axes)
+    del raw
+    check_finite([(x, np.arange(len(x)))], f"data_path={path!r}, x", "csv" in arrays)
     bernoulli = likelihood == "bernoulli"
     apply_preprocessing(x, pre, clip=bernoulli and pre.normalize == "minmax")
     if bernoulli:
-        check_unit_range(x, f"data_path={path!r}", pre.normalize)
+        check_unit_range(x, f"data_path={path!r}", pre.normalize, trained=True)
     return x, y

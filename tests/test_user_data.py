@@ -2,6 +2,7 @@
 every bad input with its message."""
 import csv
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import dpsom
 from dpsom_model import DPSOM
+import user_data
 from user_data import Preprocessing, apply_preprocessing, as_samples, fit_preprocessing, load_user_data
 
 TINY = dict(validation=True, batch_size=100, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1],
@@ -171,6 +173,14 @@ def bad_files(tmp_path_factory):
     (f / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
     header = "a,b,c\n"
     (f / "ragged.csv").write_text(header + "1,2,3\n4,5\n")
+    (f / "wide.csv").write_text(header + "1,2,3\n4,5,6,7\n")
+    (f / "nan.csv").write_text(header + "".join(f"{i},{i},{'nan' if i == 3 else i}\n" for i in range(300)))
+    np.save(f / "zip.npy", x)
+    (f / "zip.npy").write_bytes((f / "ok.npz").read_bytes())          # an archive under the wrong name
+    np.save(f / "single.npy", x)
+    (f / "single.npz").write_bytes((f / "single.npy").read_bytes())   # a single array under the wrong name
+    np.savez(f / "names.npz", x=x, feature_names=np.array(["a", "b"]))
+    np.savez(f / "test_shape.npz", x=x, x_test=x[:, :4])
     (f / "text.csv").write_text(header + "1,2,3\n4,x,6\n")
     (f / "empty.csv").write_text("")
     (f / "data.txt").write_text("1,2\n")
@@ -195,7 +205,13 @@ BAD = [  # file, extra config, what the message must say
     ("ragged.csv", {}, r"line 3 has 2 fields, the header has 3 \(ragged CSV\)"),
     ("text.csv", {}, r"line 3, column 2: 'x' is not a number"),
     ("empty.csv", {}, r"the file is empty"),
-    ("ragged.csv", {"label_column": "d"}, r"no column 'd' for label_column; the header has a, b, c"),
+    ("text.csv", {"label_column": "d"}, r"no column 'd' for label_column; the header has a, b, c"),
+    ("wide.csv", {}, r"line 3 has 4 fields, the header has 3 \(ragged CSV\)"),
+    ("nan.csv", {}, r"1 samples hold NaN or inf, the first at line 5 of the file"),
+    ("zip.npy", {}, r"is a .npz archive \(arrays \['x'\]\): name it .npz"),
+    ("single.npz", {}, r"holds a single array \(the .npy format\): name it .npy"),
+    ("names.npz", {}, r"2 feature_names for samples of 5 features"),
+    ("test_shape.npz", {"validation": False}, r"x_test samples have shape \(4,\), x has \(5,\)"),
 ]
 
 
@@ -217,10 +233,66 @@ def test_assign_refuses_another_shape(tmp_path, bad_files):
         dpsom.ex.run("assign", config_updates={"checkpoint": str(tmp_path / "run")}, options={"--loglevel": "ERROR"})
 
 
-def test_the_loader_copies_the_samples_once(tmp_path):
-    x = np.random.default_rng(0).random((1000, 10)).astype(np.float32)
+@pytest.mark.parametrize("kind", ["float32", "float64", "uint8 channels last"])
+def test_loading_makes_one_float32_copy(tmp_path, monkeypatch, kind):
+    rng = np.random.default_rng(0)
+    x = {"float32": lambda: rng.random((20000, 50), dtype=np.float32), "float64": lambda: rng.random((20000, 50)),
+         "uint8 channels last": lambda: rng.integers(0, 256, (20000, 4, 4, 3), dtype=np.uint8)}[kind]()
     np.savez(tmp_path / "x.npz", x=x)
+    monkeypatch.setattr(user_data, "BLOCK_BYTES", 1 << 16)
+    tracemalloc.start()
     data = load_user_data(str(tmp_path / "x.npz"), True, "bernoulli", "minmax")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    float32_bytes = x.size * 4
+    # the file's array, the float32 splits, and small things (indices, a block): a second copy would add 100 %
+    assert peak < x.nbytes + 1.15 * float32_bytes, (peak, x.nbytes, float32_bytes)
     assert data["x_train"].dtype == np.float32 and data["x_train"].flags.c_contiguous
-    assert len(data["x_train"]) == 850 and len(data["x_eval"]) == 150 and data["y_train"] is None
+    assert len(data["x_train"]) == 17000 and len(data["x_eval"]) == 3000 and data["y_train"] is None
     assert data["x_train"].min() == 0 and data["x_train"].max() == 1
+
+
+def test_rgb_images_channels_first_and_string_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 1000)
+    x = np.zeros((1000, 3, 8, 12), dtype=np.float32)
+    x[np.arange(1000), y] = rng.random((1000, 8, 12)) * 0.5 + 0.5      # each class lights its own colour
+    np.savez(tmp_path / "rgb.npz", x=x, y=np.array(["red", "green", "blue"])[y])
+    r = run(tmp_path, data_path=str(tmp_path / "rgb.npz"), convolution=True, epochs_pretrain=3)
+    assert r.result["purity"] > 0.9                                 # three colours are easy to tell apart
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    decoded = acc.Images("train/decoded_som")[-1]
+    assert decoded.width == 4 * 13 + 1 and decoded.height == 4 * 9 + 1   # a 4x4 map of 12x8 images, 1-pixel lines
+    from PIL import Image
+    import io
+    assert Image.open(io.BytesIO(decoded.encoded_image_string)).mode == "RGB"
+    legend = acc.Tensors("train/majority_label_codes/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert legend == "0: blue, 1: green, 2: red"
+
+
+def test_npy_csv_assign_uses_the_runs_label_column_and_feature_order(tmp_path, digits):
+    run(tmp_path, data_path=str(digits / "digits.csv"), label_column="digit", num_epochs=0, som_learning_rates=[])
+    logdir = str(tmp_path / "run")
+    d = load_digits()
+    np.save(tmp_path / "new.npy", d.data[:50])                          # no labels, no names: placed by width
+    dpsom.ex.run("assign", config_updates={"checkpoint": logdir, "data_path": str(tmp_path / "new.npy")},
+                 options={"--loglevel": "ERROR"})
+    from_npy = np.load(tmp_path / "run" / "assignments.npz")
+    assert "label" not in from_npy.files and len(from_npy["bmu"]) == 50
+    order = [1, 0] + list(range(2, 64))                                # two columns swapped
+    with open(tmp_path / "new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([[f"p{j}" for j in order]] + [[f"{r[j]:g}" for j in order] for r in d.data[:50]])
+    with pytest.raises(dpsom.SetupError, match=r"features p1, p0, p2.*the checkpoint's model takes p0, p1, p2.* in "
+                                                r"this order"):
+        dpsom.ex.run("assign", config_updates={"checkpoint": logdir, "data_path": str(tmp_path / "new.csv")},
+                     options={"--loglevel": "ERROR"})
+    rows = [[f"p{j}" for j in range(32)] + ["digit"] + [f"p{j}" for j in range(32, 64)]]
+    rows += [[f"{v:g}" for v in r[:32]] + [int(t)] + [f"{v:g}" for v in r[32:]] for t, r in zip(d.target, d.data[:50])]
+    with open(tmp_path / "new.csv", "w", newline="", encoding="utf-8-sig") as f:   # a spreadsheet's BOM
+        csv.writer(f).writerows(rows)
+    dpsom.ex.run("assign", config_updates={"checkpoint": logdir, "data_path": str(tmp_path / "new.csv")},
+                 options={"--loglevel": "ERROR"})
+    from_csv = np.load(tmp_path / "run" / "assignments.npz")
+    np.testing.assert_array_equal(from_csv["bmu"], from_npy["bmu"])
+    np.testing.assert_array_equal(from_csv["label"], d.target[:50])    # the run's label_column, found in the file
