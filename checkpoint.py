@@ -78,6 +78,8 @@ def resumed_config(saved: dict, c: dict, given: set[str]) -> dict:
                          + "; ".join(diff) + "). Leave these keys out: the run continues with the checkpoint's "
                          f"values. Keys that may change: {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'checkpoint'}))}.")
     resumed = {**c, **saved}                                    # keys the checkpoint predates keep today's defaults
+    if "target_sample" not in saved:                            # but P's codes: eval_sample chose them before
+        resumed["target_sample"] = saved.get("eval_sample", False)
     resumed.update({k: c[k] for k in given & RESUMABLE_CHANGES})
     resumed.update(resume=c["resume"], more_runs=False)         # a run of a more_runs set continues on its own
     return resumed

@@ -110,7 +110,12 @@ def grid_neighbours(som_dim: tuple[int, int], toroidal: bool) -> tuple[torch.Ten
 
 
 class DPSOM(nn.Module):
-    """VAE encoder/decoder (dense or convolutional) plus an H x W grid of SOM prototypes in latent space."""
+    """VAE encoder/decoder (dense or convolutional) plus an H x W grid of SOM prototypes in latent space.
+
+    The constructor's defaults build the standard layers (BatchNorm with batch statistics, dropout, plain
+    logits); the experiment's config (dpsom.py) chooses the reference's frozen BatchNorm, no dropout and leaky
+    logits, which reach the published purity.
+    """
 
     def __init__(self, latent_dim: int = 100, som_dim: tuple[int, int] = (8, 8), alpha: float = 10.0,
                  beta: float = 0.25, gamma: float = 20.0, theta: float = 1.0, prior: float = 0.5,

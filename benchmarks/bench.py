@@ -117,11 +117,11 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         return seconds, seconds / statistics.mean([before, timed(bare_step, block, device)])
 
     def target_distribution():
-        s["p"] = dpsom.target_distribution(model, x_train[:n_td], B, c["eval_sample"])
+        s["p"] = dpsom.target_distribution(model, x_train[:n_td], B, c["target_sample"])
 
     # Warm-up (allocator, oneDNN primitives, Adam state); the medians below absorb what is left of it.
     bare_step(), phase_step("pretrain"), phase_step("som_init")
-    dpsom.target_distribution(model, x_train[:2 * B], B, c["eval_sample"])
+    dpsom.target_distribution(model, x_train[:2 * B], B, c["target_sample"])
     td_s, td_bare = beside_bare(target_distribution)                # also the p of the joint steps
     phase_step("train")
 

@@ -32,7 +32,8 @@ def weights(path):
 
 
 # The default model (latent 100, batch 300, 8x8 map) on a few batches: the size at which the CPU kernels run
-# multi-threaded. Sampled codes (eval_sample) make the target pass draw from training's random stream too.
+# multi-threaded. Sampled codes make the target pass draw from training's random stream too (target_sample, the
+# default; eval_sample for the evaluations between).
 FULL = dict(max_train_samples=600, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1], num_epochs=11,
             val_epochs=True, validation=True, max_eval_samples=300, log_every=2, seed=3, eval_sample=True)
 FULL_ARGS = [f"{k}={v}" for k, v in FULL.items()]   # 2 steps an epoch: pretrain 1-2, som_init 3-6, train 7-28
@@ -55,9 +56,10 @@ def assert_same_checkpoint(a, b):
     assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
 
 
-@pytest.mark.parametrize("arch", ["dense", "conv"])
+@pytest.mark.parametrize("arch", ["dense", "conv", "dense standard_layers"])
 def test_same_seed_is_bit_identical_at_full_size(tmp_path, data_dir, arch):
-    extra = ["convolution=True", "num_epochs=1"] if arch == "conv" else ["num_epochs=2"]
+    extra = {"dense": ["num_epochs=2"], "conv": ["convolution=True", "num_epochs=1"],
+             "dense standard_layers": ["standard_layers", "num_epochs=2"]}[arch]   # BatchNorm's statistics, dropout
     for name in ("a", "b"):
         out = cli(tmp_path, data_dir, tmp_path / name, *extra, args=FULL_ARGS)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -203,3 +205,12 @@ def test_unwritable_data_folder_is_named(tmp_path):
     mnist_data.read_dataset.cache_clear()
     with pytest.raises(mnist_data.DataError, match="cannot write to"):
         mnist_data.load_data("MNIST", str(blocker), True)
+
+
+def test_a_checkpoint_older_than_target_sample_keeps_its_targets():
+    from checkpoint import resumed_config
+    now = {**dpsom.config(fixed={}), "resume": "r"}                  # today's defaults: P from a sample
+    for eval_sample in (False, True):                                # before the key, eval_sample chose P's codes
+        old = {k: v for k, v in now.items() if k != "target_sample"} | {"eval_sample": eval_sample}
+        assert resumed_config(old, now, {"resume"})["target_sample"] is eval_sample
+    assert resumed_config({**now, "target_sample": False}, now, {"resume"})["target_sample"] is False

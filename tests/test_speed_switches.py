@@ -2,8 +2,8 @@
 
 Each phase's loss on one fixed batch of real MNIST, with the same weights and the same noise, is compared
 with and without the switch; so are the gradients it sends to the parameters.
-Tolerances (stated in the README): amp, every loss part within 1e-3 relative (the clustering KL, a small
-difference of two nearly equal numbers, within 2e-2) and, where the gradient is smooth (not the BMU-driven SOM
+Tolerances (stated in the README): amp, every loss part within 1e-3 relative (the clustering KL and the prior
+KL, small differences of nearly equal numbers, within 2e-2) and, where the gradient is smooth (not the BMU-driven SOM
 initialisation), a gradient cosine similarity >= 0.99; compile,
 every part within 1e-5 relative and every gradient within 1e-4 of its tensor's largest entry
 (plus 1e-6 of the largest gradient anywhere).
@@ -27,9 +27,11 @@ def batch(data_dir) -> torch.Tensor:
     return torch.as_tensor(load_data("MNIST", data_dir, True, max_train_samples=600)["x_train"][:64], device=DEVICE)
 
 
-def make(convolution: bool) -> DPSOM:
+def make(convolution: bool, named: tuple = ()) -> DPSOM:
     torch.manual_seed(0)
-    return dpsom.build_model({**dpsom.config(fixed={"convolution": convolution}), "latent_dim": 16}).to(DEVICE)
+    config = dpsom.ex.run("print_config", config_updates={"convolution": convolution}, named_configs=named,
+                          options={"--loglevel": "ERROR"}).config if named else dpsom.config(fixed={"convolution": convolution})
+    return dpsom.build_model({**config, "latent_dim": 16}).to(DEVICE)
 
 
 def losses_and_grads(model: DPSOM, loss_fn, phase: str, x: torch.Tensor, p: torch.Tensor):
@@ -47,6 +49,11 @@ def target(model: DPSOM, x: torch.Tensor) -> torch.Tensor:
         return DPSOM.target_distribution(model(x).q)
 
 
+# Small differences of nearly equal numbers, whose relative error bf16 inputs multiply: the clustering KL, and
+# the prior KL near the prior (each dimension's exp(logvar) - 1 - logvar, with logvar near 0 at initialisation).
+CANCELLING = ("cah", "kl")
+
+
 def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
@@ -62,7 +69,7 @@ def test_amp_gives_the_float32_losses(batch, convolution):
         model.amp = True
         got, got_g = losses_and_grads(model, dpsom.phase_loss, phase, x, p)
         for k in ref:
-            assert relative(ref[k], got[k]) <= (2e-2 if k == "cah" else 1e-3), (phase, k, ref[k], got[k])
+            assert relative(ref[k], got[k]) <= (2e-2 if k in CANCELLING else 1e-3), (phase, k, ref[k], got[k])
         assert ref_g.keys() == got_g.keys(), phase                # the same parameters learn
         if phase == "som_init":
             continue   # its gradient follows each sample's BMU, an argmin that bf16 rounding may flip on near ties
@@ -85,7 +92,7 @@ def test_compile_gives_the_eager_losses_and_gradients(batch, monkeypatch):
     # Random ops inside the compiled graph draw from the eager generator, so both see the same noise.
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
-    model = make(False)                                         # dropout on: its masks must match too
+    model = make(False, ("standard_layers",))                   # dropout on: its masks must match too
     p = target(model, batch)
     compiled = torch.compile(dpsom.phase_loss)
     for phase in PHASES:
