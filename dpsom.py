@@ -634,9 +634,8 @@ def load_data_or_explain(c: dict, **sizes) -> dict:
             data = load_data(c["data_set"], c["data_dir"], c["validation"], **sizes)
             data["preprocessing"] = Preprocessing(MNIST_SHAPE, "max")
         else:
-            pre = Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else None
             data = load_user_data(c["data_path"], c["validation"], c["likelihood"], c["normalize"], c["channels"],
-                                  c["label_column"], pre, **sizes)
+                                  c["label_column"], stored_preprocessing(c), **sizes)
     except DataError as e:
         raise SetupError(f"data: {e}") from None
     if c["convolution"]:
@@ -645,6 +644,11 @@ def load_data_or_explain(c: dict, **sizes) -> dict:
         except ValueError as e:
             raise SetupError(f"config {e}") from None
     return data
+
+
+def stored_preprocessing(c: dict) -> Preprocessing | None:
+    """The preprocessing a checkpoint's (or pretrain file's) config holds, or None before a run has one."""
+    return Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else None
 
 
 def data_description(c: dict, pre: Preprocessing) -> str:
@@ -719,7 +723,7 @@ def assign(_config: dict, _run) -> dict:
         raise SetupError("config data_path=None: give the file holding the samples to place (.npz, .npy or .csv)")
     device, state = saved_run(_config, "of the trained map")
     c = {**_config, **DATA_KEY_DEFAULTS, **state["config"]}
-    pre = Preprocessing.from_dict(c["preprocessing"]) if c.get("preprocessing") else Preprocessing(MNIST_SHAPE, "max")
+    pre = stored_preprocessing(c) or Preprocessing(MNIST_SHAPE, "max")   # checkpoints older than own data: MNIST
     given = given_keys(_run)
     channels = _config["channels"] if "channels" in given else c["channels"]
     # the run's label column, where the new file has it too; a label_column given here must exist
@@ -798,8 +802,8 @@ def main(_config: dict, _run) -> dict:
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} samples, device {device}, "
           f"logdir {c['logdir']}")
     if data["y_eval"] is None:
-        print(f"no labels for the evaluation set: the run reports reconstruction, quantization and topographic error and map usage; "
-              f"{LABEL_METRICS} are skipped")
+        print(f"no labels for the evaluation set: the run reports reconstruction, quantization and topographic "
+              f"error and map usage; {LABEL_METRICS} are skipped")
     results = []
     for i, (sub, seed) in enumerate(runs):
         logdir = os.path.join(c["logdir"], sub) if sub else c["logdir"]

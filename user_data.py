@@ -272,6 +272,16 @@ def apply_preprocessing(x: np.ndarray, pre: Preprocessing, clip: bool = False) -
     return x
 
 
+def transform(x: np.ndarray, pre: Preprocessing, likelihood: str, what: str, beyond_training: bool = True,
+              trained: bool = False) -> None:
+    """Normalise x in place; under the Bernoulli likelihood its values must then lie in [0, 1]. beyond_training:
+    samples other than the training split's, which minmax clips into its range. trained: pre is a checkpoint's."""
+    bernoulli = likelihood == "bernoulli"
+    apply_preprocessing(x, pre, clip=beyond_training and bernoulli and pre.normalize == "minmax")
+    if bernoulli:
+        check_unit_range(x, what, pre.normalize, trained)
+
+
 # ---- the data set -----------------------------------------------------------------------------------------
 def load_user_data(path: str, validation: bool, likelihood: str, normalize: str, channels: str = "auto",
                    label_column: Optional[str] = None, pre: Optional[Preprocessing] = None,
@@ -316,12 +326,8 @@ def load_user_data(path: str, validation: bool, likelihood: str, normalize: str,
         pre = fit_preprocessing(x_train, shape, normalize, names)
     elif pre.shape != shape:
         raise DataError(f"data_path={path!r}: samples of shape {shape}, the checkpoint's model takes {pre.shape}")
-    bernoulli = likelihood == "bernoulli"
-    apply_preprocessing(x_train, pre)
-    apply_preprocessing(x_eval, pre, clip=bernoulli and pre.normalize == "minmax")
-    if bernoulli:
-        check_unit_range(x_train, f"data_path={path!r}, training split", pre.normalize)
-        check_unit_range(x_eval, f"data_path={path!r}, evaluation set", pre.normalize)
+    transform(x_train, pre, likelihood, f"data_path={path!r}, training split", beyond_training=False)
+    transform(x_eval, pre, likelihood, f"data_path={path!r}, evaluation set")
     return {"x_train": x_train, "y_train": y_train, "x_eval": x_eval, "y_eval": y_eval, "preprocessing": pre}
 
 
@@ -348,8 +354,5 @@ def load_for_assign(path: str, pre: Preprocessing, likelihood: str, channels: st
     x = gather(raw, np.arange(len(raw)), axes)
     del raw
     check_finite([(x, np.arange(len(x)))], f"data_path={path!r}, x", "csv" in arrays)
-    bernoulli = likelihood == "bernoulli"
-    apply_preprocessing(x, pre, clip=bernoulli and pre.normalize == "minmax")
-    if bernoulli:
-        check_unit_range(x, f"data_path={path!r}", pre.normalize, trained=True)
+    transform(x, pre, likelihood, f"data_path={path!r}", trained=True)
     return x, y

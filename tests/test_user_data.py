@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dpsom
@@ -111,10 +112,16 @@ def test_assign_gives_evaluates_bmus_with_the_stored_statistics(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 200 and [int(r["bmu"]) for r in rows] == placed["bmu"].tolist()
     assert float(rows[7]["distance"]) == pytest.approx(float(placed["distance"][7]))
-    # the check can fail: statistics recomputed on the new file move samples to other nodes
     state = torch.load(logdir / "checkpoint.pt", weights_only=False)
     model = dpsom.build_model(state["config"])
     model.load_state_dict(state["model"])
+    stored = Preprocessing.from_dict(state["config"]["preprocessing"])     # the training split's statistics
+    train_rows = train_test_split(np.arange(len(x)), test_size=0.15, random_state=42)[0]
+    np.testing.assert_allclose(stored.shift, x[train_rows].mean(0, dtype=np.float64), rtol=1e-5)
+    np.testing.assert_allclose(stored.scale, x[train_rows].std(0, dtype=np.float64), rtol=1e-5)
+    dist = dpsom.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), stored)), 100, False, decode=False)
+    np.testing.assert_allclose(placed["distance"], dist["dist"].min(1).values.sqrt().numpy(), rtol=1e-6)
+    # the check can fail: statistics recomputed on the new file move samples to other nodes
     refit = fit_preprocessing(x_test, (20,), "standard")
     dist = dpsom.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), refit)), 100, False, decode=False)
     assert (dist["dist"].argmin(1).numpy() != placed["bmu"]).mean() > 0.2
