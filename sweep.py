@@ -30,6 +30,7 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETUP_ERROR, INTERRUPTED = 1, 130      # dpsom.py's exit statuses: config or data error, stopped by a signal
 STOP = "stop-requested"                 # written into OUT by a stopped sweep; every run's task watches for it
+ATTEMPTS = "attempts.json"              # in a run's folder: start, seconds and exit status of each attempt
 CELLS = {"mnist_dense": ["validation=True"], "mnist_conv": ["conv", "validation=True"],
          "fmnist_dense": ["fmnist", "validation=True"], "fmnist_conv": ["fmnist", "conv", "validation=True"]}
 # The seed's table (single runs, validation=True): (NMI, purity) of the PyTorch port it lists and of the
@@ -85,15 +86,17 @@ def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
     """One dpsom.py run in its own process, resumed from its checkpoint if an earlier attempt left one."""
     logdir = os.path.join(out, "runs", run["name"])
     if os.path.exists(os.path.join(logdir, "result.json")):
-        return finished(logdir, "done", 0.0)
+        return finished(logdir, "done")
     os.makedirs(logdir, exist_ok=True)
     resume = os.path.exists(os.path.join(logdir, "checkpoint.pt")) or os.path.exists(os.path.join(logdir, "checkpoint.pt.prev"))
     cmd = [sys.executable, os.path.join(HERE, "dpsom.py"), "-F", os.path.join(out, "sacred"), "with", *run["words"],
            f"logdir={logdir}", f"device={device}"] + ([f"resume={logdir}"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    attempts = read_attempts(logdir) + [{"started": stamp, "seconds": 0.0, "exit": None}]
     started = time.time()
     with open(os.path.join(logdir, "stdout.txt"), "a") as o, open(os.path.join(logdir, "stderr.txt"), "a") as e:
-        e.write(f"--- attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+        e.write(f"--- attempt at {stamp}: {' '.join(cmd)}\n")
         e.flush()
         # its own session: a Ctrl-C at the terminal reaches the run once, through the handler below
         proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=cwd, start_new_session=True,
@@ -105,16 +108,20 @@ def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
                     proc.send_signal(signal.SIGTERM)            # step and writes a checkpoint
                     proc.wait()
                 time.sleep(0.2)
+                if time.time() - started - attempts[-1]["seconds"] >= 1:   # an attempt killed with the driver or
+                    attempts[-1]["seconds"] = time.time() - started        # its node keeps its time to the second
+                    write_attempts(logdir, attempts)
             code = proc.returncode
         finally:
             os.remove(os.path.join(logdir, ".running"))
-    wall = time.time() - started
+    attempts[-1].update(seconds=time.time() - started, exit=code)
+    write_attempts(logdir, attempts)
     if code == 0:
-        return finished(logdir, "done", wall)
+        return finished(logdir, "done")
     if code == INTERRUPTED:
-        return finished(logdir, "interrupted", wall)
+        return finished(logdir, "interrupted")
     if code == SETUP_ERROR:                             # a config or data error, or a bug: a retry cannot help
-        return finished(logdir, "failed", wall)
+        return finished(logdir, "failed")
     raise RunDied(f"{run['name']}: dpsom.py ended with status {code}; the retry resumes from its checkpoint")
 
 
@@ -123,9 +130,30 @@ def task_options(cpus: float, gpus: float, retries: int) -> dict:
     return dict(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=[RunDied])
 
 
-def finished(logdir: str, status: str, wall: float) -> dict:
-    """What the driver records of a run: its status, wall time, result, or the end of its error output."""
-    record = {"status": status, "wall_s": wall}
+def read_attempts(logdir: str) -> list[dict]:
+    path = os.path.join(logdir, ATTEMPTS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_attempts(logdir: str, attempts: list[dict]) -> None:
+    path = os.path.join(logdir, ATTEMPTS)
+    with open(path + ".tmp", "w") as f:
+        json.dump(attempts, f, indent=1)
+    os.replace(path + ".tmp", path)                     # never half a file, whenever the task is killed
+
+
+def time_spent(logdir: str) -> dict:
+    """Wall seconds and attempts of a run over every attempt of every sweep that ran it."""
+    attempts = read_attempts(logdir)
+    return {"wall_s": sum(a["seconds"] for a in attempts), "attempts": len(attempts)}
+
+
+def finished(logdir: str, status: str) -> dict:
+    """What the driver records of a run: its status, time spent, result, or the end of its error output."""
+    record = {"status": status, **time_spent(logdir)}
     if status == "done":
         with open(os.path.join(logdir, "result.json")) as f:
             record["result"] = json.load(f)
@@ -146,7 +174,8 @@ def write_tables(out: str, runs: list[dict], records: dict[str, dict]) -> tuple[
         rec = records.get(r["name"], {"status": "not run"})
         rows.append({**{k: r["settings"].get(k, "") for k in keys}, "seed": r["seed"], "name": r["name"],
                      **{k: rec.get("result", {}).get(k, "") for k in numbers},
-                     "wall_s": round(rec.get("wall_s", 0.0), 1), "status": rec["status"], "error": rec.get("error", "")})
+                     "wall_s": round(rec.get("wall_s", 0.0), 1), "attempts": rec.get("attempts", 0),
+                     "status": rec["status"], "error": rec.get("error", "")})
     summary = []
     for setting in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
         done = [row for row in rows if tuple(row[k] for k in keys) == setting and row["status"] == "done"]
@@ -235,7 +264,8 @@ def main(argv: list[str]) -> int:
                 try:
                     records[run["name"]] = ray.get(ref)
                 except ray.exceptions.RayError as e:    # retries used up, or the task itself broke
-                    records[run["name"]] = {"status": "failed", "error": str(e).strip().splitlines()[-1]}
+                    records[run["name"]] = {"status": "failed", "error": str(e).strip().splitlines()[-1],
+                                            **time_spent(os.path.join(out, "runs", run["name"]))}
                 bar.update(1)
             running = sum(os.path.exists(os.path.join(out, "runs", r["name"], ".running")) for r in pending.values())
             failed = sum(rec["status"] == "failed" for rec in records.values())
@@ -251,7 +281,7 @@ def main(argv: list[str]) -> int:
             try:
                 records[run["name"]] = ray.get(ref)
             except ray.exceptions.RayError:
-                records[run["name"]] = {"status": "interrupted"}
+                records[run["name"]] = {"status": "interrupted", **time_spent(os.path.join(out, "runs", run["name"]))}
     bar.close()
     ray.shutdown()
     _, summary = write_tables(out, runs, records)

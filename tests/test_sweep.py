@@ -57,6 +57,8 @@ def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, da
     assert "purity" in done.stdout and "0.5" in done.stdout                    # the summary is printed
     again = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir)
     assert again.returncode == 0 and len(sacred_runs(out)) == 4               # finished runs are skipped
+    kept = list(csv.DictReader(open(out / "results.csv")))                    # with the time they took
+    assert [(r["wall_s"], r["attempts"]) for r in kept] == [(r["wall_s"], "1") for r in rows]
 
 
 def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir):
@@ -73,16 +75,23 @@ def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_pat
     proc = sweep(out, "--seeds", "1", "--retries", "2", data_dir=data_dir, wait=False, extra=["num_epochs=10"])
     logdir = out / "runs" / "seed=2020"
     deadline = time.time() + 240
+    first_seen = None
     while not (logdir / "checkpoint.pt").exists():                            # the end of the first epoch
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        first_seen = first_seen or ((logdir / "stderr.txt").exists() and time.time())
         time.sleep(0.2)
     victim = next(p for p in psutil.process_iter(["cmdline"])
                   if f"logdir={logdir}" in " ".join(p.info["cmdline"] or []) and "dpsom.py" in " ".join(p.info["cmdline"]))
     victim.send_signal(signal.SIGKILL)
+    killed_after = time.time() - (first_seen or time.time())                  # the first attempt ran at least this
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     attempts = [line for line in open(logdir / "stderr.txt") if line.startswith("--- attempt")]
     assert len(attempts) == 2 and f"resume={logdir}" in attempts[1]
+    spent = json.load(open(logdir / "attempts.json"))                         # both attempts count in wall_s
+    assert [a["exit"] for a in spent] == [-signal.SIGKILL, 0] and spent[0]["seconds"] >= killed_after
+    row, = csv.DictReader(open(out / "results.csv"))
+    assert float(row["wall_s"]) == round(spent[0]["seconds"] + spent[1]["seconds"], 1) and row["attempts"] == "2"
     straight = subprocess.run([sys.executable, "dpsom.py", "with", *WORDS, "num_epochs=10", f"data_dir={data_dir}",
                                "seed=2020", f"logdir={tmp_path / 'straight'}", "device=cpu"], cwd=ROOT, capture_output=True,
                               text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
