@@ -247,6 +247,15 @@ class NonFiniteLoss(SacredError, RuntimeError):
         super().__init__(message, print_traceback=False)
 
 
+TRANSIENT = 75   # exit status of a run stopped by a failure a retry may not meet (EX_TEMPFAIL); sweep.py retries it
+
+
+class TransientFailure(BaseException):
+    """Out of device memory, or the file system failed: the run stops with its last checkpoint, and the same
+    run resumed later may succeed. A BaseException, so that Sacred, which turns every Exception into exit
+    status 1 (a config error's, never retried), passes it to __main__ and its own status."""
+
+
 def build_model(c: dict) -> DPSOM:
     """The model of a run's config; c["input_shape"] (set from the data) is MNIST's where absent."""
     return DPSOM(latent_dim=c["latent_dim"], som_dim=c["som_dim"], alpha=c["alpha"], beta=c["beta"],
@@ -813,14 +822,20 @@ def main(_config: dict, _run) -> dict:
             later = ", ".join(str(s) for _, s in runs[i + 1:])
             hint = (f"continue this run ({i + 1} of {len(runs)}, seed {seed}) with: python dpsom.py with resume={logdir}"
                     + (f"; the runs with seeds {later} were not started" if later else ""))
-        results.append(train({**c, "seed": seed}, data, device, logdir, _run, resume, hint))
+        try:
+            results.append(train({**c, "seed": seed}, data, device, logdir, _run, resume, hint))
+        except (torch.OutOfMemoryError, OSError) as e:
+            raise TransientFailure(f"{type(e).__name__}: {e}\nthe last checkpoint in {logdir} is kept; "
+                                   f"{hint or f'continue with: python dpsom.py with resume={logdir}'}") from e
     result = results[0]
     if c["more_runs"]:
         result = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         result.update({f"{k}_std": float(np.std([r[k] for r in results])) for k in results[0]})
         result["runs"] = results
-    with open(os.path.join(c["logdir"], "result.json"), "w") as f:   # what a sweep collects
+    path = os.path.join(c["logdir"], "result.json")                  # what a sweep collects: never half a file
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
     print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if data["y_eval"] is None:
         print(f"no labels: {LABEL_METRICS} skipped")
@@ -833,3 +848,6 @@ if __name__ == "__main__":
     except Interrupted as e:   # a checkpoint was written (or, after a second signal, the last one is kept)
         print(e, file=sys.stderr)
         sys.exit(130)
+    except TransientFailure as e:
+        print(e, file=sys.stderr)
+        sys.exit(TRANSIENT)

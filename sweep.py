@@ -14,11 +14,16 @@ step, with a checkpoint, and the same command continues them.
 """
 import argparse
 import csv
+import ctypes
+import fcntl
+import functools
+import glob
 import itertools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +32,12 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpsom.py")   # at this path on every node
 SETUP_ERROR, INTERRUPTED = 1, 130      # dpsom.py's exit statuses: config or data error, stopped by a signal
 STOP = "stop-requested"                 # written into OUT by a stopped sweep; every run's task watches for it
 ATTEMPTS = "attempts.json"              # in a run's folder: start, seconds and exit status of each attempt
+IDENTITY = "sweep.json"                 # in a run's folder: the words and device it was started with
+OWN_WORDS = ("seed", "logdir", "device", "resume")   # set by the sweep for each run
 CELLS = {"mnist_dense": ["validation=True"], "mnist_conv": ["conv", "validation=True"],
          "fmnist_dense": ["fmnist", "validation=True"], "fmnist_conv": ["fmnist", "conv", "validation=True"]}
 # The seed's table (single runs, validation=True): (NMI, purity) of the PyTorch port it lists and of the
@@ -82,14 +89,32 @@ def plan(grid: list[tuple[str, list[str]]], seeds: list[int], words: list[str], 
 
 
 @ray.remote
-def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
+def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str, script: str) -> dict:
     """One dpsom.py run in its own process, resumed from its checkpoint if an earlier attempt left one."""
     logdir = os.path.join(out, "runs", run["name"])
-    if os.path.exists(os.path.join(logdir, "result.json")):
-        return finished(logdir, "done")
+    for path, what in ((script, "dpsom.py"), (cwd, "the folder the sweep was started in")):
+        if not os.path.exists(path):
+            return {"status": "failed", **time_spent(logdir), "error": f"{what} {path} does not exist on node "
+                    f"{socket.gethostname()}: every node needs the code, the data and OUT at the driver's paths"}
     os.makedirs(logdir, exist_ok=True)
+    mismatch = check_identity(logdir, run["words"], device)
+    if mismatch:
+        return {"status": "failed", "error": mismatch, **time_spent(logdir)}
+    with open(os.path.join(logdir, ".lock"), "w") as lock:
+        # held by this task and its dpsom.py: a process of an earlier attempt that outlived its task (its
+        # worker was killed; it gets SIGTERM and writes a checkpoint) finishes before this attempt starts
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(logdir, "result.json")):
+            return finished(logdir, "done")
+        if os.path.exists(os.path.join(out, STOP)):        # the sweep was stopped before this run started
+            return finished(logdir, "interrupted")
+        return attempt(run, logdir, out, threads, device, cwd, script, lock.fileno())
+
+
+def attempt(run: dict, logdir: str, out: str, threads: int, device: str, cwd: str, script: str, lock: int) -> dict:
+    """Start dpsom.py, watch it and the sweep's stop file, and say how it ended; RunDied asks Ray for a retry."""
     resume = os.path.exists(os.path.join(logdir, "checkpoint.pt")) or os.path.exists(os.path.join(logdir, "checkpoint.pt.prev"))
-    cmd = [sys.executable, os.path.join(HERE, "dpsom.py"), "-F", os.path.join(out, "sacred"), "with", *run["words"],
+    cmd = [sys.executable, script, "-F", os.path.join(out, "sacred"), "with", *run["words"],
            f"logdir={logdir}", f"device={device}"] + ([f"resume={logdir}"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -98,9 +123,9 @@ def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
     with open(os.path.join(logdir, "stdout.txt"), "a") as o, open(os.path.join(logdir, "stderr.txt"), "a") as e:
         e.write(f"--- attempt at {stamp}: {' '.join(cmd)}\n")
         e.flush()
-        # its own session: a Ctrl-C at the terminal reaches the run once, through the handler below
+        # its own session: a Ctrl-C at the terminal reaches the run once, through the stop file
         proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=cwd, start_new_session=True,
-                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, []))   # Ray's workers mask signals
+                                pass_fds=(lock,), preexec_fn=functools.partial(child_setup, libc_prctl()))
         open(os.path.join(logdir, ".running"), "w").close()
         try:
             while proc.poll() is None:
@@ -111,18 +136,55 @@ def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str) -> dict:
                 if time.time() - started - attempts[-1]["seconds"] >= 1:   # an attempt killed with the driver or
                     attempts[-1]["seconds"] = time.time() - started        # its node keeps its time to the second
                     write_attempts(logdir, attempts)
-            code = proc.returncode
         finally:
+            if proc.poll() is None:     # this task is failing or was cancelled: the run stops with a checkpoint
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
             os.remove(os.path.join(logdir, ".running"))
+    code = proc.returncode
     attempts[-1].update(seconds=time.time() - started, exit=code)
     write_attempts(logdir, attempts)
+    stopped = os.path.exists(os.path.join(out, STOP))
     if code == 0:
         return finished(logdir, "done")
-    if code == INTERRUPTED:
+    if stopped and code in (INTERRUPTED, -signal.SIGTERM):   # -SIGTERM: stopped before it could checkpoint
         return finished(logdir, "interrupted")
     if code == SETUP_ERROR:                             # a config or data error, or a bug: a retry cannot help
         return finished(logdir, "failed")
+    # killed, out of memory (dpsom.py's status 75), or stopped by someone else's SIGTERM (preempted)
     raise RunDied(f"{run['name']}: dpsom.py ended with status {code}; the retry resumes from its checkpoint")
+
+
+def libc_prctl():
+    """Linux's prctl, looked up before the fork (a ctypes object is not sent to Ray's workers)."""
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def child_setup(prctl) -> None:
+    """In dpsom.py's process before it starts: no signal masked (Ray's workers mask some), and SIGTERM when
+    the task's process dies, so that a run never outlives its task (Linux)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)                       # PR_SET_PDEATHSIG
+
+
+def check_identity(logdir: str, words: list[str], device: str, record: bool = True) -> str | None:
+    """A run folder keeps the words and device it was started with; another sweep on the same OUT must give
+    the same, or its numbers would mix two settings under one name. Returns what differs, or None; with
+    `record`, a new run's folder records them."""
+    path = os.path.join(logdir, IDENTITY)
+    mine = {"words": words, "device": device}
+    if not os.path.exists(path):
+        if record and not os.listdir(logdir):          # a new run (folders of older sweeps are left as they are)
+            with open(path, "w") as f:
+                json.dump(mine, f, indent=1)
+        return None
+    with open(path) as f:
+        first = json.load(f)
+    if first == mine:
+        return None
+    return (f"{logdir} was started with `with {' '.join(first['words'])}` on {first['device']}; this sweep gives "
+            f"`with {' '.join(words)}` on {device}. Use another OUT for other settings, or the first ones to continue")
 
 
 def task_options(cpus: float, gpus: float, retries: int) -> dict:
@@ -176,21 +238,36 @@ def write_tables(out: str, runs: list[dict], records: dict[str, dict]) -> tuple[
                      **{k: rec.get("result", {}).get(k, "") for k in numbers},
                      "wall_s": round(rec.get("wall_s", 0.0), 1), "attempts": rec.get("attempts", 0),
                      "status": rec["status"], "error": rec.get("error", "")})
+    write_csv(os.path.join(out, "results.csv"), rows)
     summary = []
     for setting in dict.fromkeys(tuple(row[k] for k in keys) for row in rows):
         done = [row for row in rows if tuple(row[k] for k in keys) == setting and row["status"] == "done"]
         entry = dict(zip(keys, setting)) | {"n": len(done)}
-        for k in numbers:
-            values = np.array([row[k] for row in done], dtype=float)
+        for k in numbers:   # over the runs that report k (a run without labels has no purity, for example)
+            values = np.array([row[k] for row in done if row[k] != ""], dtype=float)
             entry[f"{k}_mean"] = float(values.mean()) if len(values) else ""
-            entry[f"{k}_std"] = float(values.std()) if len(values) else ""
+            entry[f"{k}_std"] = float(values.std()) if len(values) else ""   # numpy's: ddof=0
         summary.append(entry)
-    for name, table in (("results.csv", rows), ("summary.csv", summary)):
-        with open(os.path.join(out, name), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    write_csv(os.path.join(out, "summary.csv"), summary)
     return rows, summary
+
+
+def write_csv(path: str, table: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else [])
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def outcome(ref, run: dict, out: str, lost: str) -> dict:
+    """The record a finished task returned, or, where the task itself failed (its retries used up, cancelled),
+    `lost` with what is known of the run."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:
+        lines = str(e).strip().splitlines()
+        return {"status": lost, "error": lines[-1] if lines else type(e).__name__,
+                **time_spent(os.path.join(out, "runs", run["name"]))}
 
 
 def print_summary(summary: list[dict], preset: bool) -> None:
@@ -200,14 +277,15 @@ def print_summary(summary: list[dict], preset: bool) -> None:
     shown = [k for k in ("nmi", "purity", "ami", "nll", "nodes_used") if f"{k}_mean" in summary[0]]
     print("\n" + "  ".join(keys + ["n"] + shown))
     for e in summary:
-        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" if e["n"] else "-" for k in shown]
+        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" if e[f"{k}_mean"] != "" else "-" for k in shown]
         print("  ".join([str(e[k]) for k in keys] + [str(e["n"])] + cells))
     if preset:
         print("\nThe seed's table beside this sweep (validation split; mean ± std over n seeds):")
         print(f"{'cell':<14}{'metric':<8}{'this sweep':>22}{'seed: Torch':>13}{'seed: TF':>10}")
         for e in summary:
             for i, k in enumerate(("nmi", "purity")):
-                mine = f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})" if e["n"] else "not run"
+                mine = (f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})" if e[f"{k}_mean"] != ""
+                        else "no finished run")
                 torch_ref, tf_ref = (t[i] for t in SEED_TABLE[e["cell"]])
                 print(f"{e['cell'] if i == 0 else '':<14}{k:<8}{mine:>22}{torch_ref:>13.4f}{tf_ref:>10.4f}")
 
@@ -231,6 +309,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for g in args.grid:
         if "=" not in g:
             ap.error(f"--grid {g!r}: give KEY=V1,V2,...")
+        if g.split("=", 1)[0] in OWN_WORDS:
+            ap.error(f"--grid {g!r}: the sweep sets {', '.join(OWN_WORDS)} for each run; seeds go in --seeds")
+    own = [w for w in words if w.split("=", 1)[0] in OWN_WORDS[1:]]
+    if own:
+        ap.error(f"`with {own[0]}`: the sweep sets logdir (OUT/runs/<name>), device and resume for each run; "
+                 f"use --gpus-per-run for GPUs")
+    if args.retries < 0:
+        ap.error("--retries: give 0 or more")
+    if args.gpus_per_run == 0 and args.cpus_per_run < 1 or args.cpus_per_run <= 0 or args.gpus_per_run < 0:
+        ap.error("--cpus-per-run: a CPU run needs at least 1 (its thread count); --gpus-per-run: 0 or more")
+    if "," not in args.seeds and (not args.seeds.isdigit() or int(args.seeds) < 1):
+        ap.error(f"--seeds {args.seeds!r}: give a count of 1 or more, or a list S1,S2,...")
     bad = [c for c in args.cells.split(",") if c not in CELLS]
     if args.preset and bad:
         ap.error(f"--cells: unknown {bad}; choose from {list(CELLS)}")
@@ -246,42 +336,51 @@ def main(argv: list[str]) -> int:
     grid = [(g.split("=", 1)[0], split_values(g.split("=", 1)[1])) for g in args.grid]
     runs = plan(grid, seeds, words, args.cells.split(",") if args.preset else None)
     out = os.path.abspath(args.out)
+    device = "cuda" if args.gpus_per_run > 0 else "cpu"
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    guard = open(os.path.join(out, ".sweep.lock"), "w")     # one sweep at a time on OUT, held until exit
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"sweep: another sweep is running on {out}; wait for it, or stop it (Ctrl-C) and run "
+                         f"this command again to continue its runs") from None
+    except OSError:                                     # a file system without locks: one sweep at a time is
+        pass                                            # up to the user
     if os.path.exists(os.path.join(out, STOP)):        # left by a stopped sweep: this one continues it
         os.remove(os.path.join(out, STOP))
+    for marker in glob.glob(os.path.join(out, "runs", "*", ".running")):   # left by tasks killed with a sweep
+        os.remove(marker)
+    clashes = [m for r in runs if (m := check_identity(os.path.join(out, "runs", r["name"]), r["words"], device, False))]
+    if clashes:                                         # before anything runs or results.csv is rewritten
+        raise SystemExit(f"sweep: {len(clashes)} of the {len(runs)} runs exist in {out} with other settings; "
+                         f"the first: {clashes[0]}")
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-    device = "cuda" if args.gpus_per_run > 0 else "cpu"
     task = run_dpsom.options(**task_options(args.cpus_per_run, args.gpus_per_run, args.retries))
     threads = max(1, int(args.cpus_per_run))
-    pending = {task.remote(r, out, threads, device, os.getcwd()): r for r in runs}   # paths as the user gave them
-    records, stopped = {}, False
+    pending, records, stopped = {}, {}, False
     bar = tqdm(total=len(runs), desc="runs", unit="run")
     try:
+        for r in runs:                                  # paths in the words are relative to the user's folder
+            pending[task.remote(r, out, threads, device, os.getcwd(), SCRIPT)] = r
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
             for ref in ready:
-                run = pending.pop(ref)
-                try:
-                    records[run["name"]] = ray.get(ref)
-                except ray.exceptions.RayError as e:    # retries used up, or the task itself broke
-                    records[run["name"]] = {"status": "failed", "error": str(e).strip().splitlines()[-1],
-                                            **time_spent(os.path.join(out, "runs", run["name"]))}
+                records[pending[ref]["name"]] = outcome(ref, pending[ref], out, "failed")
+                del pending[ref]                        # only once its record is kept
                 bar.update(1)
             running = sum(os.path.exists(os.path.join(out, "runs", r["name"], ".running")) for r in pending.values())
             failed = sum(rec["status"] == "failed" for rec in records.values())
             bar.set_postfix(done=len(records) - failed, running=running, failed=failed, refresh=False)
     except KeyboardInterrupt:                           # every run stops after its step with a checkpoint
         stopped = True
-        print("\nstopping the runs; each writes its checkpoint ...", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not leave the runs unrecorded
+        print("\nstopping the runs; each writes its checkpoint (a few seconds) ...", file=sys.stderr)
         open(os.path.join(out, STOP), "w").close()      # a file, so that runs on other nodes see it too
-        not_started = [ref for ref in pending if not os.path.exists(os.path.join(out, "runs", pending[ref]["name"], ".running"))]
-        for ref in not_started:
-            ray.cancel(ref)
+        for ref, run in pending.items():                # not started yet: cancelled (a started task stops its run)
+            if not os.path.exists(os.path.join(out, "runs", run["name"], ".running")):
+                ray.cancel(ref)
         for ref, run in pending.items():
-            try:
-                records[run["name"]] = ray.get(ref)
-            except ray.exceptions.RayError:
-                records[run["name"]] = {"status": "interrupted", **time_spent(os.path.join(out, "runs", run["name"]))}
+            records[run["name"]] = outcome(ref, run, out, "interrupted")
     bar.close()
     ray.shutdown()
     _, summary = write_tables(out, runs, records)

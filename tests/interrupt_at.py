@@ -5,8 +5,10 @@
 MOMENT is `step:N`, right after global step N (counted over the whole run, resumes included), or
 `PLACE:K`, inside the K-th call in this process of one of PLACES: the target-distribution pass, the
 evaluation, the pictures, or the write of a checkpoint (the signal arrives before its bytes are written).
-`twice:MOMENT` sends two signals at that moment, as an impatient second Ctrl-C would.
+`twice:MOMENT` sends two signals at that moment, as an impatient second Ctrl-C would; `full:PLACE:K` raises
+a full disk's OSError there instead of a signal.
 """
+import errno
 import os
 import signal
 import sys
@@ -19,11 +21,14 @@ import dpsom  # noqa: E402
 PLACES = {"target_distribution": dpsom, "evaluate_model": dpsom, "log_pictures": dpsom, "save": torch}
 moment = sys.argv.pop(1)
 signals = 2 if moment.startswith("twice:") else 1
-where, count = moment.removeprefix("twice:").split(":")
+disk_full = moment.startswith("full:")
+where, count = moment.removeprefix("twice:").removeprefix("full:").split(":")
 count, calls = int(count), {"n": 0}
 
 
 def sigterm():
+    if disk_full:
+        raise OSError(errno.ENOSPC, "No space left on device")
     for _ in range(signals):
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -61,3 +66,6 @@ try:
 except dpsom.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)
+except dpsom.TransientFailure as e:
+    print(e, file=sys.stderr)
+    sys.exit(dpsom.TRANSIENT)

@@ -169,6 +169,15 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.prev"]     # no stray temp file
 
 
+def test_a_full_disk_stops_the_run_with_the_status_a_sweep_retries(tmp_path, data_dir):
+    logdir = tmp_path / "run"
+    done = cli(tmp_path, data_dir, logdir, stop_at="full:save:2")          # the second checkpoint's write fails
+    assert done.returncode == dpsom.TRANSIENT == 75, done.stderr[-2000:]
+    assert "OSError: [Errno 28] No space left on device" in done.stderr
+    assert f"the last checkpoint in {logdir} is kept; continue with: python dpsom.py with resume={logdir}" in done.stderr
+    assert torch.load(logdir / "checkpoint.pt", weights_only=False)["global_step"] == 6   # the end of pretraining
+
+
 def test_resume_refuses_another_config_naming_the_keys(tmp_path, data_dir):
     run(tmp_path, data_dir, num_epochs=0, som_learning_rates=[])
     with pytest.raises(ValueError, match=r"som_dim: checkpoint \[8, 8\], now \[4, 4\].*convolution|convolution.*som_dim"):

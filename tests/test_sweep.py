@@ -59,6 +59,9 @@ def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, da
     assert again.returncode == 0 and len(sacred_runs(out)) == 4               # finished runs are skipped
     kept = list(csv.DictReader(open(out / "results.csv")))                    # with the time they took
     assert [(r["wall_s"], r["attempts"]) for r in kept] == [(r["wall_s"], "1") for r in rows]
+    other = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir, extra=["gamma=10"])
+    assert other.returncode == 1 and "4 of the 4 runs exist" in other.stderr and "gamma=10" in other.stderr
+    assert len(sacred_runs(out)) == 4 and list(csv.DictReader(open(out / "results.csv"))) == kept   # untouched
 
 
 def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir):
@@ -158,3 +161,109 @@ def test_grid_values_cells_and_the_seed_table(capsys):
                           "purity_std": 0.02}], preset=True)
     printed = capsys.readouterr().out
     assert "0.9500 ± 0.0200 (n=2)" in printed and "0.9833" in printed and "0.9676" in printed   # the seed's conv numbers
+
+
+# ---- the task's and the driver's bookkeeping, without Ray: a stand-in for dpsom.py that exits as told ----------
+FAKE_RUN = """import os, signal, sys, time
+how, stop = os.environ["FAKE_EXIT"], os.environ.get("FAKE_STOP")
+if stop:   # the sweep is stopped while this run trains: its task sends SIGTERM
+    if how == "130":   # dpsom.py's handler: a checkpoint, then status 130
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(130))
+    open(stop, "w").close()
+    time.sleep(30)
+if how == "term":
+    os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(int(how))
+"""
+
+
+@pytest.mark.parametrize("code, stop_file, expected", [
+    ("0", False, "done"), ("1", False, "failed"), ("130", True, "interrupted"), ("term", True, "interrupted"),
+    ("130", False, "retry"), ("75", False, "retry"), ("term", False, "retry")])
+def test_each_exit_status_is_done_failed_interrupted_or_retried(tmp_path, monkeypatch, code, stop_file, expected):
+    import sweep
+    script, out = tmp_path / "fake.py", tmp_path / "out"
+    script.write_text(FAKE_RUN)
+    logdir = out / "runs" / "seed=1"
+    logdir.mkdir(parents=True)
+    if code == "0":
+        (logdir / "result.json").write_text('{"purity": 0.5}')
+    if stop_file:
+        monkeypatch.setenv("FAKE_STOP", str(out / sweep.STOP))
+    monkeypatch.setenv("FAKE_EXIT", code)
+    run = {"name": "seed=1", "words": ["seed=1"]}
+    with open(logdir / ".lock", "w") as lock:
+        if expected == "retry":   # killed, out of memory (75), or someone else's SIGTERM (preempted): resumed later
+            with pytest.raises(sweep.RunDied):
+                sweep.attempt(run, str(logdir), str(out), 1, "cpu", str(tmp_path), str(script), lock.fileno())
+        else:
+            assert sweep.attempt(run, str(logdir), str(out), 1, "cpu", str(tmp_path), str(script),
+                                 lock.fileno())["status"] == expected
+    exit_code = json.load(open(logdir / "attempts.json"))[0]["exit"]
+    assert exit_code == (-signal.SIGTERM if code == "term" else int(code)) and not (logdir / ".running").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_run_does_not_outlive_its_task(tmp_path):
+    # the task's process is killed (as when Ray's worker dies): its dpsom.py gets SIGTERM, checkpoints and stops,
+    # instead of training on beside the retry
+    child = ("import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(tmp_path / 'got_term')!r}, 'w').close(), sys.exit(130)))\n"
+             "time.sleep(60)\n")
+    task = ("import functools, subprocess, sys, time\nsys.path.insert(0, sys.argv[1])\nimport sweep\n"
+            f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True,\n"
+            "                 preexec_fn=functools.partial(sweep.child_setup, sweep.libc_prctl()))\n"
+            f"time.sleep(2)\nopen({str(tmp_path / 'started')!r}, 'w').close()\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", task, str(ROOT)])
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():     # sweep's imports (Ray), then the child's start
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while not (tmp_path / "got_term").exists():
+        assert time.time() < deadline, "the run kept running after its task died"
+        time.sleep(0.1)
+
+
+def test_a_rerun_with_other_settings_is_refused_by_each_run(tmp_path):
+    import sweep
+    logdir = tmp_path / "seed=1"
+    logdir.mkdir()
+    assert sweep.check_identity(str(logdir), ["quick", "seed=1"], "cpu") is None         # recorded
+    assert json.load(open(logdir / sweep.IDENTITY)) == {"words": ["quick", "seed=1"], "device": "cpu"}
+    assert sweep.check_identity(str(logdir), ["quick", "seed=1"], "cpu") is None         # the same: continues
+    told = sweep.check_identity(str(logdir), ["quick", "num_epochs=100", "seed=1"], "cpu")
+    assert "`with quick seed=1` on cpu" in told and "`with quick num_epochs=100 seed=1` on cpu" in told
+    assert "on cuda" in sweep.check_identity(str(logdir), ["quick", "seed=1"], "cuda")
+
+
+def test_tables_keep_every_row_when_runs_report_different_numbers(tmp_path):
+    import sweep
+    runs = [{"name": f"seed={s}", "settings": {}, "seed": s, "words": []} for s in (1, 2, 3)]
+    records = {"seed=1": {"status": "done", "wall_s": 2.0, "attempts": 1, "result": {"nll": 60.0, "purity": 0.9}},
+               "seed=2": {"status": "done", "wall_s": 3.0, "attempts": 1, "result": {"nll": 62.0}},   # no labels
+               "seed=3": {"status": "failed", "error": "config gamma=-1: ...", "wall_s": 1.0, "attempts": 1}}
+    rows, summary = sweep.write_tables(str(tmp_path), runs, records)
+    assert [r["status"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["done", "done", "failed"]
+    entry, = summary
+    assert entry["n"] == 2 and entry["nll_mean"] == 61.0 and entry["nll_std"] == 1.0
+    assert entry["purity_mean"] == 0.9 and entry["purity_std"] == 0.0
+
+
+def test_one_sweep_at_a_time_on_a_folder_and_options_it_cannot_honour(tmp_path, capsys):
+    import fcntl
+    import sweep
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    with open(out / ".sweep.lock", "w") as held:    # another sweep's driver
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another sweep is running on"):
+            sweep.main([str(out), "--seeds", "1", "with", "quick"])
+    for argv, told in ((["--grid", "seed=1,2"], "seeds go in --seeds"), (["with", "device=cuda"], "--gpus-per-run"),
+                       (["--seeds", "0"], "1 or more"), (["--retries", "-1"], "0 or more"),
+                       (["--cpus-per-run", "0.5"], "at least 1")):
+        with pytest.raises(SystemExit):
+            sweep.parse([str(out), *argv])
+        assert told in capsys.readouterr().err
