@@ -187,6 +187,16 @@ def check_identity(logdir: str, words: list[str], device: str, record: bool = Tr
             f"`with {' '.join(words)}` on {device}. Use another OUT for other settings, or the first ones to continue")
 
 
+def unmet_request(cpus: float, gpus: float) -> str | None:
+    """What no node of the Ray cluster can give one run, or None."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return None
+    most = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    return (f"no node can run one run with --cpus-per-run {cpus:g} --gpus-per-run {gpus:g} (the largest has "
+            f"{most.get('CPU', 0):g} CPUs and {most.get('GPU', 0):g} GPUs)")
+
+
 def task_options(cpus: float, gpus: float, retries: int) -> dict:
     """Ray's resources of one run (fractions share a GPU) and its retries: a lost node or worker, or RunDied."""
     return dict(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=[RunDied])
@@ -355,6 +365,12 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"sweep: {len(clashes)} of the {len(runs)} runs exist in {out} with other settings; "
                          f"the first: {clashes[0]}")
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    unmet = unmet_request(args.cpus_per_run, args.gpus_per_run)
+    if unmet and not (args.address or os.environ.get("RAY_ADDRESS")):
+        ray.shutdown()                                  # it would wait for ever
+        raise SystemExit(f"sweep: {unmet}")
+    if unmet:                                           # a cluster's autoscaler may still add such a node
+        print(f"sweep: warning: {unmet}; the runs wait until the cluster has such a node", file=sys.stderr)
     task = run_dpsom.options(**task_options(args.cpus_per_run, args.gpus_per_run, args.retries))
     threads = max(1, int(args.cpus_per_run))
     pending, records, stopped = {}, {}, False

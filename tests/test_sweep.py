@@ -125,6 +125,12 @@ def test_fractional_gpus_are_accounted_and_ray_stays_on_loopback():
         ray.shutdown()
 
 
+def test_a_request_no_node_can_meet_is_refused_instead_of_waiting_for_ever(tmp_path, data_dir):
+    done = sweep(tmp_path / "out", "--gpus-per-run", "0.25", data_dir=data_dir, timeout=120)   # no GPU here
+    assert done.returncode == 1 and "no node can run one run with --cpus-per-run 1 --gpus-per-run 0.25" in done.stderr
+    assert not list((tmp_path / "out" / "runs").iterdir())
+
+
 def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(tmp_path, data_dir):
     out = tmp_path / "sweep"
     args = ("--seeds", "2")
