@@ -161,8 +161,7 @@ class SetupError(SacredError, ValueError):
 
 
 BOOLEAN_KEYS = ("validation", "convolution", "toroidal", "val_epochs", "more_runs", "leaky_logits", "eval_sample",
-                "target_sample",
-                "compile", "amp", "save_pretrain", "use_saved_pretrain", "deterministic")
+                "target_sample", "compile", "amp", "save_pretrain", "use_saved_pretrain", "deterministic")
 ARCHITECTURE_KEYS = ("data_set", "convolution", "latent_dim", "som_dim", "posterior", "batchnorm", "adam", "data_path",
                      "likelihood", "normalize", "channels")
 DATA_KEY_DEFAULTS = {"data_path": None, "label_column": None, "channels": "auto", "likelihood": "bernoulli",
@@ -254,6 +253,11 @@ class TransientFailure(BaseException):
     """Out of device memory, or the file system failed: the run stops with its last checkpoint, and the same
     run resumed later may succeed. A BaseException, so that Sacred, which turns every Exception into exit
     status 1 (a config error's, never retried), passes it to __main__ and its own status."""
+
+
+def make_optimizer(model: DPSOM, c: dict) -> torch.optim.Optimizer:
+    """The one optimiser of all three phases: TF1's Adam (the reference's) or PyTorch's, as c["adam"] says."""
+    return (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
 
 
 def build_model(c: dict) -> DPSOM:
@@ -521,7 +525,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     how_to_continue: what a stop message tells the user (default: the resume command for logdir).
     """
     model = build_model(c).to(device)
-    opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
+    opt = make_optimizer(model, c)
     loss_fn = torch.compile(phase_loss) if c["compile"] else phase_loss   # one graph per phase, made at its start
     x_train = torch.as_tensor(data["x_train"], device=device)         # (N, 784), resident on the device
     x_eval = torch.as_tensor(data["x_eval"], device=device)

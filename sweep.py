@@ -106,7 +106,7 @@ def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str, script: 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(logdir, "result.json")):
             return finished(logdir, "done")
-        if os.path.exists(os.path.join(out, STOP)):        # the sweep was stopped before this run started
+        if stop_requested(out):                           # the sweep was stopped before this run started
             return finished(logdir, "interrupted")
         return attempt(run, logdir, out, threads, device, cwd, script, lock.fileno())
 
@@ -129,7 +129,7 @@ def attempt(run: dict, logdir: str, out: str, threads: int, device: str, cwd: st
         open(os.path.join(logdir, ".running"), "w").close()
         try:
             while proc.poll() is None:
-                if os.path.exists(os.path.join(out, STOP)):    # the sweep was stopped: the run stops after its
+                if stop_requested(out):                         # the sweep was stopped: the run stops after its
                     proc.send_signal(signal.SIGTERM)            # step and writes a checkpoint
                     proc.wait()
                 time.sleep(0.2)
@@ -144,15 +144,18 @@ def attempt(run: dict, logdir: str, out: str, threads: int, device: str, cwd: st
     code = proc.returncode
     attempts[-1].update(seconds=time.time() - started, exit=code)
     write_attempts(logdir, attempts)
-    stopped = os.path.exists(os.path.join(out, STOP))
     if code == 0:
         return finished(logdir, "done")
-    if stopped and code in (INTERRUPTED, -signal.SIGTERM):   # -SIGTERM: stopped before it could checkpoint
+    if stop_requested(out) and code in (INTERRUPTED, -signal.SIGTERM):   # -SIGTERM: stopped before it could checkpoint
         return finished(logdir, "interrupted")
     if code == SETUP_ERROR:                             # a config or data error, or a bug: a retry cannot help
         return finished(logdir, "failed")
     # killed, out of memory (dpsom.py's status 75), or stopped by someone else's SIGTERM (preempted)
     raise RunDied(f"{run['name']}: dpsom.py ended with status {code}; the retry resumes from its checkpoint")
+
+
+def stop_requested(out: str) -> bool:
+    return os.path.exists(os.path.join(out, STOP))
 
 
 def libc_prctl():
@@ -176,8 +179,7 @@ def check_identity(logdir: str, words: list[str], device: str, record: bool = Tr
     mine = {"words": words, "device": device}
     if not os.path.exists(path):
         if record and not os.listdir(logdir):          # a new run (folders of older sweeps are left as they are)
-            with open(path, "w") as f:
-                json.dump(mine, f, indent=1)
+            write_json(path, mine)
         return None
     with open(path) as f:
         first = json.load(f)
@@ -211,9 +213,12 @@ def read_attempts(logdir: str) -> list[dict]:
 
 
 def write_attempts(logdir: str, attempts: list[dict]) -> None:
-    path = os.path.join(logdir, ATTEMPTS)
+    write_json(os.path.join(logdir, ATTEMPTS), attempts)
+
+
+def write_json(path: str, value) -> None:
     with open(path + ".tmp", "w") as f:
-        json.dump(attempts, f, indent=1)
+        json.dump(value, f, indent=1)
     os.replace(path + ".tmp", path)                     # never half a file, whenever the task is killed
 
 
@@ -356,7 +361,7 @@ def main(argv: list[str]) -> int:
                          f"this command again to continue its runs") from None
     except OSError:                                     # a file system without locks: one sweep at a time is
         pass                                            # up to the user
-    if os.path.exists(os.path.join(out, STOP)):        # left by a stopped sweep: this one continues it
+    if stop_requested(out):                             # left by a stopped sweep: this one continues it
         os.remove(os.path.join(out, STOP))
     for marker in glob.glob(os.path.join(out, "runs", "*", ".running")):   # left by tasks killed with a sweep
         os.remove(marker)

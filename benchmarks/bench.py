@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 import dpsom
 from decay_scheduler import decayed_lr
-from tf1_adam import TF1Adam
 from mnist_data import load_data
 
 PHASES = {"pretrain": "pretrain", "som_init": "som_init", "joint": "train"}   # report name -> dpsom's name
@@ -88,7 +87,7 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
     bare = dpsom.build_model(c).to(device).train()
     bare_opt = torch.optim.Adam(bare.parameters(), lr=c["learning_rate"])
     model = dpsom.build_model(c).to(device).train()
-    opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])  # as train()
+    opt = dpsom.make_optimizer(model, c)                               # one optimiser for all phases, as train()
     base_lr = {"pretrain": c["learning_rate_pretrain"], "som_init": c["som_learning_rates"][0],
                "train": c["learning_rate"]}
     stats = {phase: dpsom.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
@@ -194,7 +193,7 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
     for name, (compiled, amp) in VARIANTS.items():
         torch._dynamo.reset()
         model = dpsom.build_model({**c, "amp": amp}).to(device).train()
-        opt = (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
+        opt = dpsom.make_optimizer(model, c)
         loss_fn = torch.compile(dpsom.phase_loss) if compiled else dpsom.phase_loss
         stats, step = dpsom.StepStats(), [0]
 
