@@ -88,6 +88,17 @@ def plan(grid: list[tuple[str, list[str]]], seeds: list[int], words: list[str], 
     return runs
 
 
+def shared_pretrain(runs: list[dict]) -> None:
+    """Refuse runs that would all write one pretrain_path at once (`save_pretrain=True` without a path per run)."""
+    value = lambda r, key: next((w.split("=", 1)[1] for w in reversed(r["words"]) if w.startswith(key + "=")), None)
+    saving = [r for r in runs if (value(r, "save_pretrain") or "False").lower() not in ("false", "0")]
+    paths = [value(r, "pretrain_path") for r in saving]
+    if len(saving) > 1 and (None in paths or len(set(paths)) < len(paths)):
+        raise SystemExit(f"sweep: {len(saving)} runs with save_pretrain=True would write the same pretrain_path at "
+                         f"once; save it once with dpsom.py (num_epochs=0 save_pretrain=True) and sweep with "
+                         f"use_saved_pretrain=True, or give each run its own path (--grid pretrain_path=A,B,...)")
+
+
 @ray.remote
 def run_dpsom(run: dict, out: str, threads: int, device: str, cwd: str, script: str) -> dict:
     """One dpsom.py run in its own process, resumed from its checkpoint if an earlier attempt left one."""
@@ -334,6 +345,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         ap.error("--retries: give 0 or more")
     if args.gpus_per_run == 0 and args.cpus_per_run < 1 or args.cpus_per_run <= 0 or args.gpus_per_run < 0:
         ap.error("--cpus-per-run: a CPU run needs at least 1 (its thread count); --gpus-per-run: 0 or more")
+    if args.gpus_per_run > 1:
+        ap.error(f"--gpus-per-run {args.gpus_per_run:g}: a run trains on one GPU and would leave the others idle; "
+                 f"give 1, or a fraction to share one GPU among runs")
     if "," not in args.seeds and (not args.seeds.isdigit() or int(args.seeds) < 1):
         ap.error(f"--seeds {args.seeds!r}: give a count of 1 or more, or a list S1,S2,...")
     bad = [c for c in args.cells.split(",") if c not in CELLS]
@@ -350,6 +364,7 @@ def main(argv: list[str]) -> int:
              else list(range(base, base + int(args.seeds))))
     grid = [(g.split("=", 1)[0], split_values(g.split("=", 1)[1])) for g in args.grid]
     runs = plan(grid, seeds, words, args.cells.split(",") if args.preset else None)
+    shared_pretrain(runs)
     out = os.path.abspath(args.out)
     device = "cuda" if args.gpus_per_run > 0 else "cpu"
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)

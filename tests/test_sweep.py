@@ -269,7 +269,24 @@ def test_one_sweep_at_a_time_on_a_folder_and_options_it_cannot_honour(tmp_path, 
             sweep.main([str(out), "--seeds", "1", "with", "quick"])
     for argv, told in ((["--grid", "seed=1,2"], "seeds go in --seeds"), (["with", "device=cuda"], "--gpus-per-run"),
                        (["--seeds", "0"], "1 or more"), (["--retries", "-1"], "0 or more"),
-                       (["--cpus-per-run", "0.5"], "at least 1")):
+                       (["--cpus-per-run", "0.5"], "at least 1"), (["--gpus-per-run", "2"], "one GPU")):
         with pytest.raises(SystemExit):
             sweep.parse([str(out), *argv])
         assert told in capsys.readouterr().err
+
+
+def test_runs_that_would_all_save_one_pretrain_file_are_refused():
+    import sweep
+    for grid, seeds, path, refused in (([], [1, 2], [], True), ([], [1], [], False),
+                                       ([("alpha", ["5", "10"])], [1], [], True),
+                                       ([("alpha", ["5", "10"])], [1], ["pretrain_path=a.pt"], True),
+                                       ([("pretrain_path", ["a.pt", "b.pt"])], [1, 2], [], True),
+                                       ([("pretrain_path", ["a.pt", "b.pt"])], [1], [], False)):
+        runs = sweep.plan(grid, seeds, ["quick", "save_pretrain=True", *path], None)
+        if refused:
+            with pytest.raises(SystemExit, match="would write the same pretrain_path"):
+                sweep.shared_pretrain(runs)
+        else:
+            sweep.shared_pretrain(runs)
+    sweep.shared_pretrain(sweep.plan([], [1, 2], ["quick", "use_saved_pretrain=True"], None))   # reading is fine
+    sweep.shared_pretrain(sweep.plan([], [1, 2], ["quick", "save_pretrain=False"], None))
