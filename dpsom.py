@@ -692,31 +692,37 @@ def evaluate(_config: dict, _run) -> dict:
 
     The model and the evaluation settings (data set, validation or test set, max_eval_samples, eval_sample,
     batch size) are the checkpoint's own, so the numbers are its run's; device is this command's, and data_dir
-    too where given (else the run's).
+    too where given (else the run's). `validation` and `eval_sample`, where given, choose another set (a run
+    monitored on the validation split, evaluated on the test set) or the posterior mean instead of a sample.
     Prints every number and writes evaluation_<set>.json (the numbers) and evaluation_<set>.npz (per-sample
-    bmu and label) into the checkpoint's run folder.
+    bmu and label) into the checkpoint's run folder; "_mean" or "_sample" is added to the name where
+    eval_sample differs from the run's.
     """
     device, state = saved_run(_config, "to evaluate")
-    ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "data_path", "device"}
+    chosen = {k: _config[k] for k in ("validation", "eval_sample") if k in given_keys(_run)}
+    ignored = sorted(k for k in given_keys(_run) - {"checkpoint", "data_dir", "data_path", "device", *chosen}
                      if state["config"].get(k, _config[k]) != _config[k])
     if ignored:
         print(f"evaluate uses the checkpoint's own config; ignored: "
               + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
     moved = {k: _config[k] for k in ("data_dir", "data_path") if k in given_keys(_run)}   # the files may have moved
-    c = {**_config, **DATA_KEY_DEFAULTS, **state["config"], **moved}   # keys the checkpoint predates keep defaults
-    model = build_model(c).to(device)
+    c = {**_config, **DATA_KEY_DEFAULTS, **state["config"], **moved, **chosen}   # keys the checkpoint predates
+    model = build_model(c).to(device)                                             # keep their defaults
     model.load_state_dict(state["model"])
     data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
     x = torch.as_tensor(data["x_eval"], device=device)
     metrics, bmu = evaluate_model(model, x, data["y_eval"], c["batch_size"], c["eval_sample"])
     split = "validation" if c["validation"] else "test"
+    code = "a posterior sample" if c["eval_sample"] else "the posterior mean"
     print(f"{state['path']}: phase {state['phase']}, global step {state['global_step']}, "
-          f"{len(x)} {data_description(c, data['preprocessing'])} {split} samples")
+          f"{len(x)} {data_description(c, data['preprocessing'])} {split} samples, encoded as {code}")
     report_metrics(metrics, data["y_eval"] is not None)
-    stem = os.path.join(os.path.dirname(os.path.abspath(state["path"])), f"evaluation_{split}")
+    own = c["eval_sample"] == state["config"].get("eval_sample", c["eval_sample"])
+    name = f"evaluation_{split}" + ("" if own else "_sample" if c["eval_sample"] else "_mean")
+    stem = os.path.join(os.path.dirname(os.path.abspath(state["path"])), name)
     with open(stem + ".json", "w") as f:
         json.dump({"checkpoint": os.path.abspath(state["path"]), "global_step": state["global_step"], "set": split,
-                   "samples": len(x), "metrics": metrics}, f, indent=2)
+                   "eval_sample": c["eval_sample"], "samples": len(x), "metrics": metrics}, f, indent=2)
     np.savez(stem + ".npz", bmu=bmu, **({} if data["y_eval"] is None else {"label": data["y_eval"]}))
     print(f"wrote {stem}.json and {stem}.npz")
     return metrics

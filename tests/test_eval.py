@@ -183,6 +183,24 @@ def test_evaluate_command_reproduces_the_run(tiny_run, data_dir, capsys):
         dpsom.ex.run("evaluate", options={"--loglevel": "ERROR"})
 
 
+def test_evaluate_command_on_another_set_and_on_the_posterior_mean(tiny_run, data_dir):
+    r, logdir = tiny_run                                     # trained with validation=True, eval_sample=True
+    ev = dpsom.ex.run_commandline(["dpsom.py", "evaluate", "-l", "ERROR", "with", f"checkpoint={logdir}",
+                                   f"data_dir={data_dir}", "validation=False", "eval_sample=False"])
+    with open(logdir / "evaluation_test_mean.json") as f:
+        saved = json.load(f)
+    assert saved["set"] == "test" and saved["eval_sample"] is False and saved["metrics"] == ev.result
+    state = torch.load(logdir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = dpsom.build_model(state["config"])
+    model.load_state_dict(state["model"])
+    test = dpsom.load_data_or_explain({**state["config"], "validation": False, "data_dir": data_dir},
+                                      max_eval_samples=300)
+    x = torch.as_tensor(test["x_eval"])
+    mean, _ = dpsom.evaluate_model(model, x, test["y_eval"], 16, sample=False)
+    sample, _ = dpsom.evaluate_model(model, x, test["y_eval"], 16, sample=True)
+    assert ev.result == mean and mean != sample                # the test images, encoded as the mean
+
+
 def test_projector_keeps_the_embeddings_of_an_earlier_writer(tmp_path):
     # a resumed run opens a new writer in the same folder; add_embedding alone would drop the earlier entries
     for step, tag in [(3, "pretrain"), (9, "train")]:
