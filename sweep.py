@@ -88,11 +88,15 @@ def plan(grid: list[tuple[str, list[str]]], seeds: list[int], words: list[str], 
     return runs
 
 
+def word_value(words: list[str], key: str, default: str | None = None) -> str | None:
+    """The value of KEY=VALUE in dpsom.py's words (the last one, as Sacred takes it), or default."""
+    return next((w.split("=", 1)[1] for w in reversed(words) if w.startswith(key + "=")), default)
+
+
 def shared_pretrain(runs: list[dict]) -> None:
     """Refuse runs that would all write one pretrain_path at once (`save_pretrain=True` without a path per run)."""
-    value = lambda r, key: next((w.split("=", 1)[1] for w in reversed(r["words"]) if w.startswith(key + "=")), None)
-    saving = [r for r in runs if (value(r, "save_pretrain") or "False").lower() not in ("false", "0")]
-    paths = [value(r, "pretrain_path") for r in saving]
+    saving = [r for r in runs if word_value(r["words"], "save_pretrain", "False").lower() not in ("false", "0")]
+    paths = [word_value(r["words"], "pretrain_path") for r in saving]
     if len(saving) > 1 and (None in paths or len(set(paths)) < len(paths)):
         raise SystemExit(f"sweep: {len(saving)} runs with save_pretrain=True would write the same pretrain_path at "
                          f"once; save it once with dpsom.py (num_epochs=0 save_pretrain=True) and sweep with "
@@ -358,7 +362,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str]) -> int:
     args, words = parse(argv)
-    base = next((int(w.split("=", 1)[1]) for w in words if w.startswith("seed=")), 2020)
+    base = int(word_value(words, "seed", "2020"))
     words = [w for w in words if not w.startswith("seed=")]
     seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
              else list(range(base, base + int(args.seeds))))
