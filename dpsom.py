@@ -8,6 +8,7 @@ Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototy
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
 """
 import csv
+import ctypes
 import json
 import math
 import os
@@ -362,16 +363,22 @@ def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: 
     was_training = model.training
     model.eval()
     noise = None if noise_seed is None else torch.Generator(x.device).manual_seed(noise_seed)
-    batches = []
+    results = {}
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
         eps = torch.randn(len(xb), model.latent_dim, generator=noise, device=x.device) if sample else None
         out = model(xb, eps=eps, sample=sample, decode=decode)
-        batches.append({"z": out.z, "dist": out.dist})
+        parts = {"z": out.z, "dist": out.dist}
         if decode:
-            batches[-1]["nll"], batches[-1]["mse"] = reconstruction_errors(xb, out.logits, model.likelihood)
+            parts["nll"], parts["mse"] = reconstruction_errors(xb, out.logits, model.likelihood)
+        for k, v in parts.items():
+            # written into one tensor for the whole set: no per-batch results (z = loc is a view that would
+            # hold the head's whole output) left between the batch's freed temporaries to fragment the heap
+            if k not in results:
+                results[k] = v.new_empty((len(x), *v.shape[1:]))
+            results[k][i:i + len(xb)] = v
     model.train(was_training)
-    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    return results
 
 
 def target_distribution(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> torch.Tensor:
@@ -523,6 +530,27 @@ def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray | Non
         log.embedding(phase, out["z"][:n].cpu(), None if y is None else y[:n], bmu[:n], sprites, step)
 
 
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim   # glibc (Linux); absent on macOS, Windows, musl
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim); False where there is no glibc.
+
+    Called once an epoch. A CPU step frees tensors of 12 MB and more (the full-covariance scale of a batch of
+    300, the head's 41 MB gradient); glibc raises its mmap threshold after the first such free and then serves
+    them from its heap, where freed holes between smaller survivors stay in the RSS. Costs milliseconds and
+    changes no number. (In a default MNIST run, before `infer` wrote into preallocated results, the RSS had
+    reached 3.1 GB by joint epoch 244; one malloc_trim brought it to 1.0 GB.)
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
 def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None,
           how_to_continue: str | None = None) -> dict:
     """All three phases with one optimiser and one global step; returns the final metrics.
@@ -599,6 +627,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
                 log_pictures(log, model, x_eval, data["y_eval"], c, phase, global_step, projector=last_of_phase)
             state = checkpoint_state(model, opt, c, global_step, index + 1, 0, phase, epoch)
             save_checkpoint(ckpt_path, state)
+            release_freed_memory()
             if phase == "som_init" and last_of_phase and c["save_pretrain"]:
                 save_checkpoint(c["pretrain_path"], state)
             if bar.disable:   # no terminal (a file, nohup, Sacred's capture): one line an epoch instead of the bar
