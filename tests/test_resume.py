@@ -226,10 +226,12 @@ def test_a_checkpoint_older_than_target_sample_keeps_its_targets():
     assert resumed_config({**now, "target_sample": False}, now, {"resume"})["target_sample"] is False
 
 
-HEAP_PROBE = """
+PROBE_START = """
 import json, torch, dpsom
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+"""   # a fresh process that reads its RSS in MB
+HEAP_PROBE = PROBE_START + """
 base = rss()
 big = torch.ones(4_000_000); del big       # a freed 16 MB mmap: glibc raises its mmap threshold above 12 MB
 bigs, keep = [], []
@@ -266,10 +268,7 @@ def test_every_epoch_ends_by_releasing_freed_memory(tmp_path, data_dir, monkeypa
     assert len(calls) == 1 + 2 + 2   # TINY: 1 pretraining, 2 SOM-initialisation and 2 joint epochs
 
 
-TARGET_PASS_PROBE = """
-import json, torch, dpsom
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+TARGET_PASS_PROBE = PROBE_START + """
 torch.manual_seed(0)
 model = dpsom.build_model(dpsom.config(fixed={}))   # the default dense model, full-covariance posterior
 x = torch.rand(51000, 784)                          # MNIST's training split, in shape
