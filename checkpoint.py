@@ -33,14 +33,50 @@ def checkpoint_state(model, opt, c, global_step, plan_index, batch, phase, epoch
     """
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": global_step,
             "plan_index": plan_index, "batch": batch, "phase": phase, "epoch": epoch, "config": c,
-            "targets": targets,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            "targets": targets, "rng": rng_state(next(model.parameters()).device)}
 
 
-def load_checkpoint(path: str, device: torch.device) -> dict:
-    """Load `path` (a checkpoint file or the run folder holding checkpoint.pt); on failure fall back to
-    the previous checkpoint kept beside it, saying which file failed and why."""
+def accelerator(device: torch.device):
+    """The torch module of a device type that is not the CPU (torch.cuda for CUDA), or None for the CPU."""
+    return None if device.type == "cpu" else torch.get_device_module(device.type)
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random streams training draws on: the CPU's, and the training device's own (CUDA's) where it has one."""
+    acc = accelerator(device)
+    return {"torch": torch.get_rng_state(), "device_type": device.type,
+            "cuda": None if acc is None else acc.get_rng_state(device.index or 0)}
+
+
+def restore_rng(rng: dict, device: torch.device, saved_device: str = "auto") -> bool:
+    """Continue the random streams a checkpoint saved, onto `device`. False where the checkpoint was written on
+    another device type: the CPU's state is restored, but the device's own stream was not saved, so it goes on
+    from this process's seed and the run cannot repeat an uninterrupted one.
+
+    Every state is a CPU byte tensor, wherever the checkpoint was loaded. Checkpoints before rng_state kept
+    every visible GPU's state in a list; the run trained on the one its config named (index 0 by default).
+    """
+    saved = rng.get("cuda")
+    if isinstance(saved, (list, tuple)):
+        index = torch.device(saved_device).index if saved_device.startswith("cuda") else None
+        saved = saved[index or 0] if saved else None
+    written = rng.get("device_type", "cpu" if saved is None else "cuda")
+    torch.set_rng_state(rng["torch"].cpu())
+    if written != device.type:
+        return False
+    acc = accelerator(device)
+    if acc is not None and saved is not None:
+        acc.set_rng_state(saved.cpu(), device.index or 0)
+    return True
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load `path` (a checkpoint file or the run folder holding checkpoint.pt) onto the CPU; on failure fall back
+    to the previous checkpoint kept beside it, saying which file failed and why.
+
+    Always onto the CPU, whatever device wrote it or will use it: the RNG states must stay CPU byte tensors,
+    and load_state_dict moves weights and optimiser state onto the parameters' device (PyTorch's Adam keeps
+    its step count on the CPU, where reading it costs no device sync)."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     failures = []
@@ -49,7 +85,7 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
             failures.append(f"{candidate}: does not exist")
             continue
         try:
-            state = torch.load(candidate, map_location=device, weights_only=False)
+            state = torch.load(candidate, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or not {"model", "optimizer", "config", "plan_index"} <= set(state):
                 raise ValueError("not a DPSOM checkpoint")
         except Exception as e:   # truncated zip, unpickling error, wrong content

@@ -31,8 +31,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from tqdm import tqdm
 
-from checkpoint import (Interrupted, StopRequest, checkpoint_state, load_checkpoint, resumed_config,
-                        save_checkpoint)
+from checkpoint import (Interrupted, StopRequest, accelerator, checkpoint_state, load_checkpoint, restore_rng,
+                        resumed_config, save_checkpoint)
 from decay_scheduler import decayed_lr, set_lr
 from dpsom_model import DPSOM, MNIST_SHAPE, check_conv_shape
 from mnist_data import DATASETS, DataError, load_data
@@ -233,15 +233,29 @@ def check_config(c: dict, n_train: int | None = None) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device a config names; "auto" is CUDA where present. One that is absent here fails, naming the fix."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise SetupError(f"config device={name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"config device={name!r}: CUDA is not available here; use device=cpu")
+    acc = accelerator(device)
+    if acc is not None and not acc.is_available():
+        raise SetupError(f"config device={name!r}: {device.type.upper()} is not available here; use device=cpu")
+    if acc is not None and (device.index or 0) >= acc.device_count():
+        raise SetupError(f"config device={name!r}: this machine has {acc.device_count()} {device.type.upper()} "
+                         f"device(s), {device.type}:0 to {device.type}:{acc.device_count() - 1}")
     return device
+
+
+def precision_note(c: dict, device: torch.device) -> None:
+    """Say at start what `amp` will do here, and keep float32 runs float32 on GPUs (cuDNN would use TF32)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = bool(c["amp"])   # PyTorch's default lets convolutions round to TF32
+    if c["amp"] and device.type == "cpu":
+        print("warning: amp=True on a CPU runs bf16 autocast, about 13 times slower than float32 on CPUs without "
+              "bf16 arithmetic; it is meant for GPUs", file=sys.stderr)
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -259,6 +273,18 @@ class TransientFailure(BaseException):
     """Out of device memory, or the file system failed: the run stops with its last checkpoint, and the same
     run resumed later may succeed. A BaseException, so that Sacred, which turns every Exception into exit
     status 1 (a config error's, never retried), passes it to __main__ and its own status."""
+
+
+# Device failures that are not torch.OutOfMemoryError yet pass with time or another process's exit: memory
+# taken while a context, cuBLAS or cuDNN handle is made, and a GPU held by another process (exclusive mode)
+TRANSIENT_DEVICE_ERRORS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                           "CUBLAS_STATUS_NOT_INITIALIZED", "busy or unavailable")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a failure may not meet a retry of the same run (sweep.py retries exit status TRANSIENT)."""
+    return isinstance(e, (torch.OutOfMemoryError, OSError)) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in TRANSIENT_DEVICE_ERRORS))
 
 
 def make_optimizer(model: DPSOM, c: dict) -> torch.optim.Optimizer:
@@ -357,16 +383,18 @@ def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: 
     """Per sample of a set, batched, in eval mode: latent code z (N, D), squared distances dist (N, H*W) and,
     with `decode`, the reconstruction errors nll and mse (N,).
 
-    z is the posterior mean, or with `sample` one posterior sample whose noise comes from a generator seeded
-    with noise_seed (repeatable, training's RNG stream left alone), or from the global RNG if it is None.
+    z is the posterior mean, or with `sample` one posterior sample whose noise comes from a CPU generator seeded
+    with noise_seed (repeatable, the same on every device, training's RNG stream left alone), or from the
+    device's global RNG if it is None.
     """
     was_training = model.training
     model.eval()
-    noise = None if noise_seed is None else torch.Generator(x.device).manual_seed(noise_seed)
+    noise = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
     results = {}
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
-        eps = torch.randn(len(xb), model.latent_dim, generator=noise, device=x.device) if sample else None
+        eps = None if not sample else (torch.randn(len(xb), model.latent_dim, device=x.device) if noise is None
+                                       else torch.randn(len(xb), model.latent_dim, generator=noise).to(x.device))
         out = model(xb, eps=eps, sample=sample, decode=decode)
         parts = {"z": out.z, "dist": out.dist}
         if decode:
@@ -566,7 +594,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     steps_per_epoch = len(x_train) // B
     plan = epoch_plan(c)
     global_step, start, first_batch, targets = 0, 0, 0, None
-    state = resume or (load_checkpoint(c["pretrain_path"], device) if c["use_saved_pretrain"] else None)
+    state = resume or (load_checkpoint(c["pretrain_path"]) if c["use_saved_pretrain"] else None)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -574,10 +602,11 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
     if resume is None and c["use_saved_pretrain"]:                     # joint training of this plan
         start, first_batch = c["epochs_pretrain"] + len(c["som_learning_rates"]) * c["som_epochs"], 0
     if resume is not None:                                             # continue exactly where it stopped
-        targets = resume["targets"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        if resume["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        targets = None if resume["targets"] is None else tuple(t.to(device) for t in resume["targets"])
+        if not restore_rng(resume["rng"], device, resume["config"].get("device", "auto")):
+            print(f"note: the checkpoint was written on another kind of device than {device}; training goes on "
+                  f"with this device's own random stream, so the run does not repeat an uninterrupted one bit for "
+                  f"bit", file=sys.stderr)
     log = Logger(logdir, run, purge_step=global_step + 1 if resume else None)
     ckpt_path = os.path.join(logdir, "checkpoint.pt")
     x_mon = x_eval[:B]                                                 # fixed monitoring batch
@@ -661,7 +690,7 @@ def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -
     Its noise comes from a forked RNG, so monitoring leaves training's random stream (and resume) untouched.
     """
     model.eval()
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
         _, parts = phase_loss(model, phase, x, p)
     model.train()
     return {f"val_{k}": v for k, v in parts.items()}
@@ -715,7 +744,7 @@ def saved_run(_config: dict, what: str) -> tuple[torch.device, dict]:
         raise SetupError(f"config checkpoint=None: give the checkpoint file or run folder {what}")
     device = pick_device(_config["device"])
     try:
-        return device, load_checkpoint(_config["checkpoint"], device)
+        return device, load_checkpoint(_config["checkpoint"])
     except FileNotFoundError as e:
         raise SetupError(f"config checkpoint={_config['checkpoint']!r}: {e}") from None
 
@@ -741,7 +770,8 @@ def evaluate(_config: dict, _run) -> dict:
               + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
     moved = {k: _config[k] for k in ("data_dir", "data_path") if k in given_keys(_run)}   # the files may have moved
     c = {**_config, **DATA_KEY_DEFAULTS, **state["config"], **moved, **chosen}   # keys the checkpoint predates
-    model = build_model(c).to(device)                                             # keep their defaults
+    precision_note(c, device)                                                     # keep their defaults
+    model = build_model(c).to(device)
     model.load_state_dict(state["model"])
     data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
     x = torch.as_tensor(data["x_eval"], device=device)
@@ -786,6 +816,7 @@ def assign(_config: dict, _run) -> dict:
                                label_optional="label_column" not in given)
     except DataError as e:
         raise SetupError(f"data: {e}") from None
+    precision_note(c, device)
     model = build_model(c).to(device)
     model.load_state_dict(state["model"])
     dist = infer(model, torch.as_tensor(x, device=device), c["batch_size"], c["eval_sample"], decode=False)["dist"]
@@ -818,7 +849,7 @@ def main(_config: dict, _run) -> dict:
         if c["more_runs"] is True and "more_runs" in given_keys(_run):
             raise SetupError("config resume: cannot be combined with more_runs=True; resume one run's folder")
         try:
-            resume = load_checkpoint(c["resume"], pick_device(c["device"]))
+            resume = load_checkpoint(c["resume"])
         except FileNotFoundError as e:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         try:
@@ -829,9 +860,7 @@ def main(_config: dict, _run) -> dict:
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])
-    if c["amp"] and device.type == "cpu":
-        print("warning: amp=True on a CPU runs bf16 autocast, about 13 times slower than float32 on CPUs without "
-              "bf16 arithmetic; it is meant for GPUs", file=sys.stderr)
+    precision_note(c, device)
     if c["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
         torch.use_deterministic_algorithms(True)
@@ -868,7 +897,9 @@ def main(_config: dict, _run) -> dict:
                     + (f"; the runs with seeds {later} were not started" if later else ""))
         try:
             results.append(train({**c, "seed": seed}, data, device, logdir, _run, resume, hint))
-        except (torch.OutOfMemoryError, OSError) as e:
+        except (RuntimeError, OSError) as e:
+            if not is_transient(e):
+                raise
             raise TransientFailure(f"{type(e).__name__}: {e}\nthe last checkpoint in {logdir} is kept; "
                                    f"{hint or f'continue with: python dpsom.py with resume={logdir}'}") from e
     result = results[0]

@@ -45,12 +45,14 @@ RSS_TARGET_MB = 1500
 N_TRAIN, N_EVAL = 51000, 10000
 
 
-def get_data(data_dir: str | None) -> dict[str, np.ndarray]:
+def get_data(data_dir: str | None, n_train: int = N_TRAIN) -> dict[str, np.ndarray]:
+    """MNIST, or uniform pixels of its shapes (n_train training images and a fifth as many to evaluate)."""
     if data_dir:
         return load_data("MNIST", data_dir, False)
     rng = np.random.default_rng(0)   # uniform pixels: the arithmetic does not depend on the content
-    return {"x_train": rng.random((N_TRAIN, 784), dtype=np.float32), "y_train": rng.integers(0, 10, N_TRAIN),
-            "x_eval": rng.random((N_EVAL, 784), dtype=np.float32), "y_eval": rng.integers(0, 10, N_EVAL)}
+    n_eval = min(N_EVAL, max(1, n_train // 5))
+    return {"x_train": rng.random((n_train, 784), dtype=np.float32), "y_train": rng.integers(0, 10, n_train),
+            "x_eval": rng.random((n_eval, 784), dtype=np.float32), "y_eval": rng.integers(0, 10, n_eval)}
 
 
 def default_config(conv: bool) -> dict:
@@ -306,6 +308,8 @@ def main() -> None:
                     help="also time the joint step with compile, amp and both (auto: on a GPU only; compiling "
                          "takes minutes on a CPU)")
     ap.add_argument("--arch", choices=["both", "dense", "conv"], default="both", help="which model(s) to time")
+    ap.add_argument("--samples", type=int, default=N_TRAIN,
+                    help="synthetic training images (fewer: a quick rehearsal of the script, not a measurement)")
     ap.add_argument("--child", metavar="LOGDIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -314,7 +318,7 @@ def main() -> None:
     t0 = time.perf_counter()
     device = dpsom.pick_device(args.device)
     cpu = device.type == "cpu"
-    data = get_data(args.data_dir)
+    data = get_data(args.data_dir, args.samples)
     result = {"device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({torch.get_num_threads()} threads)",
               "load_avg": [os.getloadavg()[0]]}
     archs = [(a, a == "conv") for a in ("dense", "conv") if args.arch in ("both", a)]

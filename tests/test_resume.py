@@ -147,12 +147,12 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, capsys):
     for cut in [0, 1, 100] + [rng.randrange(len(blob)) for _ in range(5)]:
         with open(path, "wb") as f:
             f.write(blob[:cut])
-        state = checkpoint.load_checkpoint(path, torch.device("cpu"))
+        state = checkpoint.load_checkpoint(path)
         assert state["global_step"] == 1 and state["path"] == path + ".prev"
         assert f"cannot load checkpoint {path}" in capsys.readouterr().err
     with open(path, "wb") as f:
         f.write(blob)
-    assert checkpoint.load_checkpoint(str(tmp_path), torch.device("cpu"))["global_step"] == 2   # a run folder works too
+    assert checkpoint.load_checkpoint(str(tmp_path))["global_step"] == 2   # a run folder works too
 
 
 def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -166,7 +166,7 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         checkpoint.save_checkpoint(path, {"x": 1})
     monkeypatch.undo()
-    assert checkpoint.load_checkpoint(path, torch.device("cpu"))["global_step"] == 2
+    assert checkpoint.load_checkpoint(path)["global_step"] == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.pt.prev"]     # no stray temp file
 
 
