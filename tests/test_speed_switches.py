@@ -198,3 +198,15 @@ def test_train_uses_the_compiled_loss_and_amp(tmp_path, data_dir, monkeypatch):
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["amp"] is True
     assert calls == ["pretrain"] * 3 + ["som_init"] * 3 + ["train"] * 3
+
+
+def test_amp_runs_float32_where_the_cpu_has_no_bf16_arithmetic(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
+    assert dpsom.amp_on({"amp": True}, cpu) is False
+    assert "no bf16 arithmetic" in capsys.readouterr().err
+    for unit in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {unit: True})
+        assert dpsom.amp_on({"amp": True}, cpu) is True
+    assert dpsom.amp_on({"amp": False}, cpu) is False
+    assert capsys.readouterr().err == ""
