@@ -34,7 +34,7 @@ from tqdm import tqdm
 from checkpoint import (Interrupted, StopRequest, accelerator, checkpoint_state, load_checkpoint, restore_rng,
                         resumed_config, save_checkpoint)
 from decay_scheduler import decayed_lr, set_lr
-from dpsom_model import DPSOM, MNIST_SHAPE, check_conv_shape
+from dpsom_model import DPSOM, MNIST_SHAPE, check_conv_shape, has_bf16_arithmetic
 from mnist_data import DATASETS, DataError, load_data
 from user_data import CHANNELS, LIKELIHOODS, NORMALIZATIONS, Preprocessing, load_for_assign, load_user_data
 from tf1_adam import TF1Adam
@@ -93,7 +93,7 @@ def config():
     eval_sample = False              # evaluate on one posterior sample (the reference's) instead of the mean
     device = "auto"                  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     compile = False                  # torch.compile each phase's loss (compiling takes a while at each phase's start)
-    amp = False                      # bf16 autocast of encoder/decoder layers; posterior head, SOM, losses stay float32
+    amp = False                      # bf16 products (encoder, decoder, head) on bf16 hardware; SOM, losses float32
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
     arch = "conv" if convolution else "dense"
     data_name = os.path.splitext(os.path.basename(data_path))[0] if isinstance(data_path, str) else data_set  # for names
@@ -249,13 +249,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def precision_note(c: dict, device: torch.device) -> None:
-    """Say at start what `amp` will do here, and keep float32 runs float32 on GPUs (cuDNN would use TF32)."""
+def amp_on(c: dict, device: torch.device) -> bool:
+    """Whether the model runs amp's bf16 products: c["amp"], where the device has bf16 arithmetic. Elsewhere it
+    runs float32 and says so (emulated bf16 is slower than float32).
+
+    On a CUDA device every float32 product stays float32, with or without amp: PyTorch's default lets cuDNN's
+    convolutions round to TF32, and TF32 matmuls would round the SOM distances and the sample, the float32 parts
+    that amp leaves (its layers' products are bf16 already).
+    """
+    use = c["amp"] and has_bf16_arithmetic(device)
+    if c["amp"] and not use:
+        print(f"warning: amp=True, but {device} has no bf16 arithmetic (a CPU needs AMX or AVX512-BF16, a GPU "
+              f"Ampere or later): running float32", file=sys.stderr)
     if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = bool(c["amp"])   # PyTorch's default lets convolutions round to TF32
-    if c["amp"] and device.type == "cpu":
-        print("warning: amp=True on a CPU runs bf16 autocast, about 13 times slower than float32 on CPUs without "
-              "bf16 arithmetic; it is meant for GPUs", file=sys.stderr)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return use
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -585,7 +593,7 @@ def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: d
 
     how_to_continue: what a stop message tells the user (default: the resume command for logdir).
     """
-    model = build_model(c).to(device)
+    model = build_model({**c, "amp": amp_on(c, device)}).to(device)
     opt = make_optimizer(model, c)
     loss_fn = torch.compile(phase_loss) if c["compile"] else phase_loss   # one graph per phase, made at its start
     x_train = torch.as_tensor(data["x_train"], device=device)         # (N, 784), resident on the device
@@ -770,8 +778,7 @@ def evaluate(_config: dict, _run) -> dict:
               + ", ".join(f"{k}={_config[k]!r} (checkpoint: {state['config'][k]!r})" for k in ignored))
     moved = {k: _config[k] for k in ("data_dir", "data_path") if k in given_keys(_run)}   # the files may have moved
     c = {**_config, **DATA_KEY_DEFAULTS, **state["config"], **moved, **chosen}   # keys the checkpoint predates
-    precision_note(c, device)                                                     # keep their defaults
-    model = build_model(c).to(device)
+    model = build_model({**c, "amp": amp_on(c, device)}).to(device)               # keep their defaults
     model.load_state_dict(state["model"])
     data = load_data_or_explain(c, max_eval_samples=c["max_eval_samples"])
     x = torch.as_tensor(data["x_eval"], device=device)
@@ -816,8 +823,7 @@ def assign(_config: dict, _run) -> dict:
                                label_optional="label_column" not in given)
     except DataError as e:
         raise SetupError(f"data: {e}") from None
-    precision_note(c, device)
-    model = build_model(c).to(device)
+    model = build_model({**c, "amp": amp_on(c, device)}).to(device)
     model.load_state_dict(state["model"])
     dist = infer(model, torch.as_tensor(x, device=device), c["batch_size"], c["eval_sample"], decode=False)["dist"]
     q = model.soft_assign(dist)                                                # (N, H*W)
@@ -860,7 +866,6 @@ def main(_config: dict, _run) -> dict:
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])
-    precision_note(c, device)
     if c["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
         torch.use_deterministic_algorithms(True)

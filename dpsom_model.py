@@ -66,6 +66,37 @@ def nll_per_sample(x: torch.Tensor, out: torch.Tensor, likelihood: str) -> torch
     return 0.5 * ((x - out) ** 2).sum(1) + 0.5 * x.shape[1] * math.log(2 * math.pi)
 
 
+def has_bf16_arithmetic(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware: a CUDA GPU from Ampere on, or a CPU with Intel's AMX or
+    AVX512-BF16 or Arm's BF16 instructions. Elsewhere bf16 is emulated, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    caps = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    return any(caps.get(k, False) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+
+
+class BF16Linear(torch.autograd.Function):
+    """y = x W^T + b with x and W rounded to bf16 for the three products, and W, b, their gradients, y float32.
+
+    Written out rather than left to autocast, whose backward on a CPU reads the output gradient transposed
+    (oneDNN's slow layout, twice the time of a contiguous copy and product) and whose bf16 product has to be cast
+    to float32 for the loss anyway. The bias is added and its gradient summed in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x, w = x.to(torch.bfloat16), weight.to(torch.bfloat16)     # (B, I), (O, I)
+        ctx.save_for_backward(x, w)
+        return (x @ w.T).to(bias.dtype) + bias                      # (B, O)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        g = grad.to(torch.bfloat16)                                 # (B, O)
+        grad_w = g.T.contiguous() @ x                               # (O, I); contiguous: see the class docstring
+        return g @ w, grad_w.to(grad.dtype), grad.sum(0)           # dx stays bf16, as the encoder's output
+
+
 def check_conv_shape(shape: tuple) -> None:
     """The convolutional networks take images (C, H, W) whose sides two 2x poolings halve exactly."""
     if len(shape) != 3:
@@ -140,7 +171,7 @@ class DPSOM(nn.Module):
         self.alpha, self.beta, self.gamma, self.theta = alpha, beta, gamma, theta
         self.prior, self.prior_var = prior, prior_var
         self.convolution, self.posterior, self.leaky_logits = convolution, posterior, leaky_logits
-        self.amp = amp   # bf16 autocast of the encoder and decoder layers; the head, SOM and losses stay float32
+        self.amp = amp   # bf16 products in the encoder, decoder and head; the head's output, SOM and losses float32
         frozen = batchnorm == "frozen"
         D = latent_dim
 
@@ -203,7 +234,8 @@ class DPSOM(nn.Module):
                 h = h.permute(0, 2, 3, 1).flatten(1)                   # (B, 12544) for MNIST, TF's H,W,C order
             else:
                 h = self.encoder(x)                                    # (B, 2000)
-        o = self.head(h.to(x.dtype))    # float32 even under amp: z feeds the SOM's distances
+        # float32 out even under amp: z feeds the SOM's distances
+        o = BF16Linear.apply(h, self.head.weight, self.head.bias) if self.amp else self.head(h)   # (B, head_width)
         D = self.latent_dim
         loc = o[:, :D]                                                 # (B, D)
         if self.posterior == "diag":

@@ -14,7 +14,11 @@ epoch, evaluation as its time per sample over a bare step's. Peak memory per mod
 run's peak RSS and checkpoint size; drift over hundreds of epochs is beyond it. From the rates, the
 time of a default run's steps and target passes (full_run_estimate_s).
 With --variants (default on a GPU), the joint step under compile=True, amp=True and both, each timed
-beside the plain joint step: the speed-up each buys, and its first steps' time (compilation).
+beside the plain joint step: the speed-up each buys, and its first steps' time (compilation). Where the device
+has bf16 arithmetic, amp_speedup is always measured (the amp joint step's rate over the plain one's, the two
+interleaved), and for the dense model gemm_fraction: the bare step's multiply-add rate (its layers' products,
+forward and backward) over a plain matmul of the posterior head's shape timed beside it, in float32 and, for
+the amp bare step, in bf16: how close a step comes to what the cores can do.
 The last line of stdout is one JSON object.
 """
 import argparse
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 import dpsom
 from decay_scheduler import decayed_lr
+from dpsom_model import has_bf16_arithmetic
 from mnist_data import load_data
 
 PHASES = {"pretrain": "pretrain", "som_init": "som_init", "joint": "train"}   # report name -> dpsom's name
@@ -174,17 +179,80 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
                    "steps_per_block": block}
     if device.type == "cuda":
         out["host_syncs_per_step"] = syncs / len(PHASES)
-    if variants:
+    amp = has_bf16_arithmetic(device)
+    if variants or amp:
+        chosen = VARIANTS if variants else {"amp": VARIANTS["amp"]}
         out["variants"] = variant_speedups(c, x_train[:n_td], s["p"], device, max_rounds, budget_s,
-                                           plain=lambda: phase_step("train"), block=block)
+                                           plain=lambda: phase_step("train"), block=block, variants=chosen)
+    out["amp_speedup"] = out["variants"]["amp"]["speedup"] if amp else None
+    if amp and not conv:
+        out["gemm_fraction"] = gemm_fractions(c, x_train[:n_td], device, max_rounds, budget_s, block)
     return out
+
+
+def step_macs(model, x: torch.Tensor) -> int:
+    """Multiply-adds of a bare step's layer products: forward, input gradients (but the first layer's, whose
+    input needs none) and weight gradients. The sample's L eps (B D^2) is left out, under 0.1 %."""
+    macs = []
+
+    def count(m, inputs, output):
+        if isinstance(m, torch.nn.Linear):
+            macs.append(output.numel() * m.in_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            macs.append(output.numel() * m.weight[0].numel())
+        elif isinstance(m, torch.nn.ConvTranspose2d):
+            macs.append(inputs[0].numel() * m.weight[0].numel())
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    with torch.no_grad():
+        model.decode(model.sample(*model.encode(x)))
+    for h in hooks:
+        h.remove()
+    return 3 * sum(macs) - macs[0]
+
+
+def gemm_fractions(c: dict, x_train: torch.Tensor, device: torch.device, max_rounds: int, budget_s: float,
+                   block: int) -> dict:
+    """The float32 and the amp bare step's multiply-add rates over those of a plain float32 and bf16 matmul of
+    the posterior head's shape (batch x features times features x outputs), the four timed interleaved."""
+    B = c["batch_size"]
+    steps, products, macs = {}, {}, None
+    for name, amp, dtype in (("float32", False, torch.float32), ("bfloat16", True, torch.bfloat16)):
+        model = dpsom.build_model({**c, "amp": amp}).to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])
+        macs = macs or step_macs(model, x_train[:B])   # counted on the float32 model: amp's head is no module call
+
+        def bare_step(model=model, opt=opt, n=[0]):
+            b = n[0] % (len(x_train) // B)
+            n[0] += 1
+            x = x_train[b * B:(b + 1) * B]
+            loss = F.binary_cross_entropy_with_logits(model.decode(model.sample(*model.encode(x))), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        a = torch.rand(B, model.head.in_features, device=device, dtype=dtype)
+        w = torch.rand(model.head.in_features, model.head.out_features, device=device, dtype=dtype)
+        steps[name], products[name] = bare_step, (lambda a=a, w=w: torch.mm(a, w))
+        bare_step(), products[name]()                                  # warm-up
+    head_macs = B * model.head.in_features * model.head.out_features
+    arms = {**{("step", k): f for k, f in steps.items()}, **{("mm", k): f for k, f in products.items()}}
+    t = {k: [] for k in arms}
+    deadline = time.perf_counter() + budget_s / 2
+    for r in range(max_rounds):
+        for k in (list(arms)[::-1] if r % 2 else list(arms)):
+            t[k].append(timed(arms[k], block, device))
+        if r >= 2 and time.perf_counter() > deadline:
+            break
+    rate = {k: (macs if k[0] == "step" else head_macs) / statistics.median(v) for k, v in t.items()}
+    return {name: rate[("step", name)] / rate[("mm", name)] for name in steps} | {
+        "step_macs": macs, "matmul_gmacs_per_s": {name: rate[("mm", name)] / 1e9 for name in steps},
+        "rounds": len(t[("mm", "float32")])}
 
 
 VARIANTS = {"compile": (True, False), "amp": (False, True), "compile+amp": (True, True)}   # (compile, amp)
 
 
 def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: torch.device, max_rounds: int,
-                     budget_s: float, plain, block: int) -> dict:
+                     budget_s: float, plain, block: int, variants: dict = VARIANTS) -> dict:
     """The joint step under each speed switch, timed in blocks alternating with the plain joint step.
 
     speedup = plain step time / switched step time (median over rounds); warmup_s is the switch's first two
@@ -192,7 +260,7 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
     """
     B = c["batch_size"]
     out = {}
-    for name, (compiled, amp) in VARIANTS.items():
+    for name, (compiled, amp) in variants.items():
         torch._dynamo.reset()
         model = dpsom.build_model({**c, "amp": amp}).to(device).train()
         opt = dpsom.make_optimizer(model, c)
@@ -207,7 +275,7 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
 
         warmup = timed(switched, 2, device) * 2
         ratios, times = [], []
-        deadline = time.perf_counter() + budget_s / 2   # each of three variants
+        deadline = time.perf_counter() + budget_s / 2   # each variant
         for r in range(max_rounds):
             pair = [("plain", plain), (name, switched)]
             got = {k: timed(fn, block, device) for k, fn in (pair[::-1] if r % 2 else pair)}
@@ -282,6 +350,11 @@ def print_table(result: dict, n_train: int, cpu: bool) -> None:
         for name, v in r.get("variants", {}).items():
             print(f"{arch:6} {'joint, ' + name:20} {v['samples_per_s']:10.0f} {v['speedup']:7.3f} {'faster':<6}"
                   f"          (first 2 steps {v['warmup_s']:.1f} s)")
+        if "gemm_fraction" in r:
+            g = r["gemm_fraction"]
+            print(f"{arch:6} bare step's multiply-add rate / a plain matmul of the head's shape: float32 "
+                  f"{g['float32']:.2f}, amp {g['bfloat16']:.2f} (matmuls {g['matmul_gmacs_per_s']['float32']:.0f} "
+                  f"and {g['matmul_gmacs_per_s']['bfloat16']:.0f} GMAC/s)")
         print(f"{arch:6} a default run's steps and target passes at these rates: "
               f"{r['full_run_estimate_s'] / 60:.1f} min")
         print(f"{arch:6} {r['bare']['rounds']} rounds of {r['bare']['steps_per_block']} step(s); bench's peak "
@@ -346,6 +419,9 @@ def main() -> None:
         result["default_dense_run"] = {"skipped": f"would take about {estimate:.0f} s here now; "
                                                   "--default-run yes forces it"}
     result["load_avg"].append(os.getloadavg()[0])
+    result["amp_speedup"] = {a: result[a]["amp_speedup"] for a, _ in archs}
+    result["gemm_fraction"] = {k: result["dense"]["gemm_fraction"][k] for k in ("float32", "bfloat16")} \
+        if "gemm_fraction" in result.get("dense", {}) else None
 
     print_table(result, len(data["x_train"]), cpu)
     print(json.dumps(result))

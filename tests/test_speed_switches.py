@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpsom
 from dpsom_model import DPSOM
@@ -58,34 +59,104 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), 1e-12)
 
 
-@pytest.mark.parametrize("convolution", [False, True], ids=["dense", "conv"])
-def test_amp_gives_the_float32_losses(batch, convolution):
-    x = batch[:16] if convolution and DEVICE.type == "cpu" else batch   # conv on a CPU: a smaller batch
-    model = make(convolution)
-    p = target(model, x)
+def amp_mismatches(model: DPSOM, x: torch.Tensor, p: torch.Tensor) -> list:
+    """The phases, loss parts and gradients where amp leaves the README's bounds, from one pass of each phase
+    without and with amp (noise seeded identically); empty where amp computes what float32 does."""
+    bad = []
     for phase in PHASES:
         model.amp = False
         ref, ref_g = losses_and_grads(model, dpsom.phase_loss, phase, x, p)
         model.amp = True
         got, got_g = losses_and_grads(model, dpsom.phase_loss, phase, x, p)
-        for k in ref:
-            assert relative(ref[k], got[k]) <= (2e-2 if k in CANCELLING else 1e-3), (phase, k, ref[k], got[k])
-        assert ref_g.keys() == got_g.keys(), phase                # the same parameters learn
-        if phase == "som_init":
-            continue   # its gradient follows each sample's BMU, an argmin that bf16 rounding may flip on near ties
-        a = torch.cat([g.flatten() for g in ref_g.values()])
-        b = torch.cat([got_g[n].flatten() for n in ref_g])
-        assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99, phase
+        model.amp = False
+        bad += [(phase, k, ref[k], got[k]) for k in ref
+                if not relative(ref[k], got[k]) <= (2e-2 if k in CANCELLING else 1e-3)]
+        if ref_g.keys() != got_g.keys():                          # the same parameters learn
+            bad.append((phase, "parameters with a gradient"))
+        elif phase != "som_init":   # its gradient follows each sample's BMU, an argmin bf16 rounding may flip on near ties
+            a = torch.cat([g.flatten() for g in ref_g.values()])
+            b = torch.cat([got_g[n].flatten() for n in ref_g])
+            if not torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.99:
+                bad.append((phase, "gradient cosine"))
+    # What amp keeps in float32 is exactly float32: from an amp forward's z, its distances, q and every loss
+    # equal those computed with amp off.
+    with torch.no_grad():
+        model.amp = True
+        out = model(x)
+        amp_parts = model.joint_loss(x, out, p)[1]
+        model.amp = False
+        parts = model.joint_loss(x, out, p)[1]
+        exact = {"dist": (out.dist, model.distances(out.z)), "q": (out.q, model.soft_assign(out.dist)),
+                 **{k: (amp_parts[k], parts[k]) for k in parts}}
+    return bad + [("float32", k) for k, (a, b) in exact.items() if a.dtype != torch.float32 or not torch.equal(a, b)]
 
 
-def test_amp_runs_the_layers_in_bfloat16_and_returns_float32(batch):
+def batch_for(batch: torch.Tensor, convolution: bool) -> torch.Tensor:
+    return batch[:16] if convolution and DEVICE.type == "cpu" else batch   # conv on a CPU: a smaller batch
+
+
+@pytest.mark.parametrize("convolution", [False, True], ids=["dense", "conv"])
+def test_amp_gives_the_float32_losses(batch, convolution):
+    x = batch_for(batch, convolution)
+    model = make(convolution)
+    assert amp_mismatches(model, x, target(model, x)) == []
+
+
+def autocast_bf16(method):
+    """The method run inside bf16 autocast: its products in bf16, as if it sat in the encoder's autocast block."""
+    def wrapped(self, *args):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.amp):
+            return method(self, *args)
+    return wrapped
+
+
+def bf16_inputs(method):
+    """The method fed bf16 copies of its tensors under amp, as if a cast back to float32 had been left out."""
+    def wrapped(self, *args):
+        return method(self, *(a.to(torch.bfloat16) if self.amp else a for a in args))
+    return wrapped
+
+
+# Casts that amp must not make: each moves some part of the comparison outside its bound.
+WRONG_CASTS = {"SOM distances in bf16": ("distances", autocast_bf16), "q from bf16 distances": ("soft_assign", bf16_inputs),
+               "likelihood of bf16 logits": ("nll", bf16_inputs), "prior KL of a bf16 posterior": ("kl_prior", bf16_inputs)}
+
+
+@pytest.mark.parametrize("wrong", WRONG_CASTS)
+def test_a_wrong_cast_fails_the_amp_checks(batch, monkeypatch, wrong):
+    name, cast = WRONG_CASTS[wrong]
+    monkeypatch.setattr(DPSOM, name, cast(getattr(DPSOM, name)))
+    model = make(False)
+    assert amp_mismatches(model, batch, target(model, batch)) != []
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every matrix product, keyed by the operands' (rows, inner, columns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            a, b = args[-2:]
+            self.seen.setdefault((a.shape[-2], a.shape[-1], b.shape[-1]), set()).add(a.dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_amp_runs_the_products_in_bfloat16_and_returns_float32(batch):
     model = dpsom.build_model({**dpsom.config(fixed={}), "latent_dim": 16, "amp": True}).to(DEVICE)   # the config key
-    seen = []
-    hook = model.encoder[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    p = target(model, batch)
+    with MatmulDtypes() as products:
+        total, _ = dpsom.phase_loss(model, "train", batch, p)
+        total.backward()
+    B, F, O, K = len(batch), 2000, model.head.out_features, 64   # batch, features, head outputs, SOM nodes
+    head = [(B, F, O), (B, O, F), (O, B, F)]                    # forward, input gradient, weight gradient
+    assert all(products.seen[k] == {torch.bfloat16} for k in head + [(B, 784, 500), (B, 16, 2000)])   # + encoder, decoder
+    assert products.seen[(B, 16, K)] == {torch.float32}         # the SOM distances
     out = model(batch)
-    hook.remove()
-    assert seen == [torch.bfloat16]                              # the switch really changes the arithmetic
     assert out.loc.dtype == out.z.dtype == out.logits.dtype == out.dist.dtype == torch.float32
+    assert all(q.dtype == q.grad.dtype == torch.float32 for q in model.parameters())   # what the optimiser sees
 
 
 def test_compile_gives_the_eager_losses_and_gradients(batch, monkeypatch):
@@ -127,3 +198,15 @@ def test_train_uses_the_compiled_loss_and_amp(tmp_path, data_dir, monkeypatch):
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["amp"] is True
     assert calls == ["pretrain"] * 3 + ["som_init"] * 3 + ["train"] * 3
+
+
+def test_amp_runs_float32_where_the_cpu_has_no_bf16_arithmetic(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
+    assert dpsom.amp_on({"amp": True}, cpu) is False
+    assert "no bf16 arithmetic" in capsys.readouterr().err
+    for unit in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {unit: True})
+        assert dpsom.amp_on({"amp": True}, cpu) is True
+    assert dpsom.amp_on({"amp": False}, cpu) is False
+    assert capsys.readouterr().err == ""
