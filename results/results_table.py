@@ -1,0 +1,183 @@
+"""The seed's table, measured: every finished full run in results/results_table.csv, and the README's table from it.
+
+    python results/results_table.py collect OUT [OUT ...]   # add the finished runs of sweep folders to the CSV
+    python results/results_table.py readme                  # rewrite the README's table from the CSV
+    python results/results_table.py show                    # print it
+
+`collect` reads each run of a `sweep.py --preset results_table` folder that has a result.json: its cell and
+seed (the run's words), NMI, purity and AMI, the split and the encoding (posterior mean, or a sample with
+eval_sample=True), the hardware (CPU model and thread count, or GPU, from Sacred's record of the run), the wall
+time over every attempt, the commit it ran (Sacred's record; "-dirty" with uncommitted changes) and the sweep
+command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced.
+`readme` puts the table between the README's results-table markers: this port's dense and conv columns as
+mean ± std (n) over the seeds of each cell (the sample standard deviation; one run has none), beside the
+seed's Torch and TF columns, and the spread of the MNIST dense seeds.
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from sweep import CELLS, SEED_TABLE  # noqa: E402
+
+CSV = os.path.join(ROOT, "results", "results_table.csv")
+README = os.path.join(ROOT, "README.md")
+COLUMNS = ["cell", "seed", "nmi", "purity", "ami", "split", "encoding", "hardware", "wall_h", "commit", "command"]
+KEY = ("cell", "seed", "commit", "hardware", "encoding")
+START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+ROWS = [("MNIST", "NMI", "mnist", "nmi"), ("MNIST", "purity", "mnist", "purity"),
+        ("Fashion-MNIST", "NMI", "fmnist", "nmi"), ("Fashion-MNIST", "purity", "fmnist", "purity")]
+
+
+def read_csv(path: str = CSV) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(rows: list[dict], path: str = CSV) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def word(words: list[str], key: str, default: str = "") -> str:
+    return next((w.split("=", 1)[1] for w in reversed(words) if w.startswith(key + "=")), default)
+
+
+def sacred_records(out: str, logdir: str) -> list[dict]:
+    """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its info.json as "info" (the
+    sweep's observer keeps them in OUT/sacred, beside each attempt's config.json)."""
+    records = []
+    for folder in sorted(glob.glob(os.path.join(out, "sacred", "*")), key=lambda d: os.path.getmtime(d)):
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            continue
+        with open(os.path.join(folder, "config.json")) as f:
+            if os.path.abspath(json.load(f).get("logdir", "")) != os.path.abspath(logdir):
+                continue
+        with open(os.path.join(folder, "run.json")) as f:
+            records.append(json.load(f))
+        if os.path.exists(os.path.join(folder, "info.json")):   # the run's own notes (_run.info): its threads
+            with open(os.path.join(folder, "info.json")) as f:
+                records[-1]["info"] = json.load(f)
+    if not records:
+        raise FileNotFoundError(f"no Sacred record of {logdir} in {out}/sacred")
+    return records
+
+
+def commit_of(records: list[dict]) -> str:
+    """The commit every attempt ran ("-dirty" with uncommitted changes), or first..last where they differ."""
+    commits = list(dict.fromkeys(r["experiment"]["repositories"][0]["commit"][:7]
+                                 + ("-dirty" if r["experiment"]["repositories"][0].get("dirty") else "")
+                                 for r in records if r["experiment"].get("repositories")))
+    return "..".join([commits[0], commits[-1]] if len(commits) > 1 else commits) or "unknown"
+
+
+def run_row(out: str, logdir: str, threads: int | None = None) -> dict:
+    """The CSV row of one finished run of a results_table sweep; threads: where the run's record lacks them."""
+    with open(os.path.join(logdir, "sweep.json")) as f:
+        identity = json.load(f)
+    with open(os.path.join(logdir, "result.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(logdir, "attempts.json")) as f:
+        seconds = sum(a["seconds"] for a in json.load(f))
+    words, records = identity["words"], sacred_records(out, logdir)
+    cell = next(c for c in CELLS if os.path.basename(logdir).startswith(c + "_"))
+    info = records[-1].get("info", {})
+    threads = str(info.get("threads") or threads or "?")
+    hardware = (f"{records[-1]['host']['cpu']}, {threads} threads" if identity["device"] == "cpu"
+                else info.get("device_name", "GPU"))
+    extra = [w for w in words if w not in CELLS[cell] and not w.startswith("seed=")]
+    gpu = "" if identity["device"] == "cpu" else " --gpus-per-run 1"
+    cpus = f" --cpus-per-run {threads}" if identity["device"] == "cpu" and threads.isdigit() else ""
+    return {"cell": cell, "seed": word(words, "seed"), "nmi": f"{result['nmi']:.4f}",
+            "purity": f"{result['purity']:.4f}", "ami": f"{result['ami']:.4f}",
+            "split": "validation" if word(words, "validation", "False") == "True" else "test",
+            "encoding": "sample" if word(words, "eval_sample", "False") == "True" else "mean",
+            "hardware": hardware, "wall_h": f"{seconds / 3600:.2f}",
+            "commit": commit_of(records),
+            "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')}"
+                       f"{cpus}{gpu}" + (f" with {' '.join(extra)}" if extra else "")}
+
+
+def collect(outs: list[str], path: str = CSV, threads: int | None = None) -> list[dict]:
+    """Add every finished run of the sweep folders to the CSV; returns the rows added or replaced."""
+    rows, new = read_csv(path), []
+    for out in outs:
+        for logdir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
+            if os.path.exists(os.path.join(logdir, "result.json")):
+                new.append(run_row(out, logdir, threads))
+    keys = {tuple(r[k] for k in KEY) for r in new}
+    write_csv([r for r in rows if tuple(r[k] for k in KEY) not in keys] + new, path)
+    return new
+
+
+def cell_values(rows: list[dict], cell: str, metric: str) -> list[float]:
+    """The metric of every seed of a cell (validation split, posterior mean); a seed run twice counts once,
+    its latest row."""
+    latest = {r["seed"]: float(r[metric]) for r in rows
+              if r["cell"] == cell and r["split"] == "validation" and r["encoding"] == "mean"}
+    return list(latest.values())
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "not run yet"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
+
+
+def table(rows: list[dict]) -> str:
+    """The seed's layout with this port's columns (mean ± std (n)) first, and the MNIST dense spread."""
+    lines = ["| data set | metric | this port, dense | this port, conv | seed: Torch dense | seed: TF dense "
+             "| seed: Torch conv | seed: TF conv |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, label, data, metric in ROWS:
+        i = 0 if metric == "nmi" else 1
+        ours = [mean_std(cell_values(rows, f"{data}_{arch}", metric)) for arch in ("dense", "conv")]
+        seed = [f"{SEED_TABLE[f'{data}_{arch}'][j][i]:.4f}" for arch in ("dense", "conv") for j in (0, 1)]
+        lines.append(f"| {name} | {label} | {ours[0]} | {ours[1]} | {' | '.join(seed)} |")
+    spread = {m: cell_values(rows, "mnist_dense", m) for m in ("purity", "nmi")}
+    if len(spread["purity"]) > 1:
+        lines.append("")
+        lines.append(f"MNIST dense over {len(spread['purity'])} seeds: purity {min(spread['purity']):.4f} to "
+                     f"{max(spread['purity']):.4f}, NMI {min(spread['nmi']):.4f} to {max(spread['nmi']):.4f}.")
+    return "\n".join(lines)
+
+
+def update_readme(rows: list[dict], path: str = README) -> None:
+    with open(path) as f:
+        text = f.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    text = head + START + "\n" + table(rows) + "\n" + END + rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["collect", "readme", "show"])
+    ap.add_argument("outs", nargs="*", help="sweep folders (collect)")
+    ap.add_argument("--threads", type=int, help="collect: a CPU run's threads, for runs whose record lacks them "
+                    "(the sweep's --cpus-per-run)")
+    args = ap.parse_args(argv)
+    if args.command == "collect":
+        for row in collect(args.outs, threads=args.threads):
+            print(f"{row['cell']} seed {row['seed']}: purity {row['purity']}, NMI {row['nmi']} ({row['hardware']}, "
+                  f"{row['wall_h']} h, {row['commit']})")
+    elif args.command == "readme":
+        update_readme(read_csv())
+    print(table(read_csv()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""results/results_table.py: a run's row from the files a sweep leaves, and the README's table from the rows."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_end_to_end import TINY
+
+sys.path.insert(0, os.path.join(ROOT, "results"))
+import results_table  # noqa: E402
+
+
+def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, data_dir):
+    # what `sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 with ...` leaves for one run
+    out, logdir = tmp_path / "out", tmp_path / "out" / "runs" / "mnist_dense_seed=1"
+    words = ["validation=True", f"max_train_samples={TINY['max_train_samples']}", "seed=1"]
+    tiny = [f"{k}={v}" for k, v in TINY.items() if k not in ("validation", "max_train_samples", "seed")]
+    done = subprocess.run([sys.executable, "dpsom.py", "-F", str(out / "sacred"), "with", *words, *tiny,
+                           f"data_dir={data_dir}", f"logdir={logdir}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (logdir / "sweep.json").write_text(json.dumps({"words": words, "device": "cpu"}))
+    (logdir / "attempts.json").write_text(json.dumps([{"seconds": 1800.0}, {"seconds": 5400.0}]))
+    csv_path = tmp_path / "table.csv"
+    rows = results_table.collect([str(out)], path=str(csv_path))
+    result = json.load(open(logdir / "result.json"))
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    row = rows[0]
+    assert len(rows) == 1 and row["cell"] == "mnist_dense" and row["seed"] == "1"
+    assert (row["nmi"], row["purity"], row["ami"]) == tuple(f"{result[k]:.4f}" for k in ("nmi", "purity", "ami"))
+    assert row["split"] == "validation" and row["encoding"] == "mean" and row["wall_h"] == "2.00"
+    assert row["hardware"].endswith(", 1 threads")                 # the thread count the run itself recorded
+    assert row["commit"].split("-")[0] == head.stdout.strip()
+    assert row["command"] == ("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 "
+                              f"--cpus-per-run 1 with max_train_samples={TINY['max_train_samples']}")
+    results_table.collect([str(out)], path=str(csv_path))           # again: replaced, not added
+    assert len(results_table.read_csv(str(csv_path))) == 1
+
+
+def rows(cell, values, **other):
+    return [{"cell": cell, "seed": str(2020 + i), "nmi": str(v - 0.3), "purity": str(v), "ami": "0.5",
+             "split": "validation", "encoding": "mean", **other} for i, v in enumerate(values)]
+
+
+def test_the_table_in_the_seeds_layout_with_mean_std_and_n():
+    table = results_table.table(rows("mnist_dense", [0.90, 0.92, 0.94]) + rows("fmnist_conv", [0.77])
+                                + rows("mnist_conv", [0.5], split="test") + rows("mnist_conv", [0.6], encoding="sample"))
+    lines = table.splitlines()
+    assert lines[2] == ("| MNIST | NMI | 0.6200 ± 0.0200 (3) | not run yet | 0.6946 | 0.6919 | 0.7267 | 0.6988 |")
+    assert lines[3].startswith("| MNIST | purity | 0.9200 ± 0.0200 (3) | not run yet | 0.9609 | 0.9626 |")
+    assert lines[5].startswith("| Fashion-MNIST | purity | not run yet | 0.7700 (1) | 0.7738 | 0.7809 |")
+    assert lines[-1] == "MNIST dense over 3 seeds: purity 0.9000 to 0.9400, NMI 0.6000 to 0.6400."
+
+
+def test_a_seed_run_twice_counts_once_its_latest_row():
+    assert results_table.cell_values(rows("mnist_dense", [0.90]) + rows("mnist_dense", [0.95]), "mnist_dense",
+                                     "purity") == [0.95]
+
+
+def test_the_readme_table_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{results_table.START}\nold\n{results_table.END}\nafter\n")
+    results_table.update_readme(rows("mnist_dense", [0.9]), str(readme))
+    text = readme.read_text()
+    assert "old" not in text and "| MNIST | purity | 0.9000 (1) |" in text and text.endswith(f"{results_table.END}\nafter\n")
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        results_table.update_readme([], str(readme))
