@@ -1,5 +1,8 @@
 """The training loop and evaluation (training.py): which parameters a phase moves, the stop on a non-finite loss,
-the progress lines, the seeded evaluation sample and freed memory handed back."""
+the progress lines, the seeded evaluation sample, the placement on the map, freed memory handed back, and the
+one-way imports between the modules."""
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -84,6 +87,19 @@ def test_evaluation_sample_is_repeatable_and_leaves_the_global_rng():
     assert mean["nll"].mean().item() == pytest.approx(model.nll(x, model.decode(mean["z"])).item())
 
 
+def test_place_names_each_samples_node_its_distance_and_q():
+    torch.manual_seed(0)
+    model = DPSOM(latent_dim=4, som_dim=(2, 3))
+    x = torch.rand(10, 784)
+    out = training.place(model, x, 4, sample=False)
+    dist = training.infer(model, x, 4, sample=False, decode=False)["dist"].numpy()          # (N, H*W)
+    assert set(out) == {"bmu", "row", "column", "distance", "q_bmu", "q"} and out["q"].shape == (10, 6)
+    assert np.array_equal(out["bmu"], dist.argmin(1)) and np.array_equal(out["row"] * 3 + out["column"], out["bmu"])
+    assert np.allclose(out["distance"] ** 2, dist.min(1), rtol=1e-5)
+    assert np.allclose(out["q"].sum(1), 1) and np.array_equal(out["q_bmu"], out["q"][np.arange(10), out["bmu"]])
+    assert np.array_equal(out["q"].argmax(1), out["bmu"])       # q falls with the distance
+
+
 # ---- memory ---------------------------------------------------------------------------------------
 PROBE_START = """
 import json, torch, dpsom, training
@@ -148,3 +164,36 @@ def test_the_target_pass_at_full_size_keeps_no_freed_batches():
     m = json.loads(out.stdout.splitlines()[-1])
     assert abs(m["rows"] - 51000) < 1                 # a distribution per image
     assert m["grown"] < 60 + 100 + 100, m              # a further 100 MB for the allocator's and torch's pools
+
+
+# ---- the seams ------------------------------------------------------------------------------------
+MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def local_imports(module: str) -> set[str]:
+    """The project's modules that `module` imports, from its source."""
+    with open(os.path.join(ROOT, module + ".py")) as f:
+        tree = ast.parse(f.read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return {name.split(".")[0] for name in names} & set(MODULES)
+
+
+def test_the_modules_import_one_way():
+    """No module reaches back into the experiment, and the import graph has no cycle: the loop and the logging
+    take a config dict and a device, so a second model can reuse them."""
+    graph = {m: local_imports(m) for m in MODULES}
+    assert not any("dpsom" in graph[m] for m in MODULES), graph
+    assert graph["tb_logging"] <= {"dpsom_model", "utils"} and "training" in graph["dpsom"]
+    done, visiting = set(), []
+
+    def visit(m):
+        assert m not in visiting, f"import cycle: {' -> '.join(visiting + [m])}"
+        if m not in done:
+            visiting.append(m)
+            for n in graph[m]:
+                visit(n)
+            visiting.pop()
+            done.add(m)
+    for m in MODULES:
+        visit(m)
