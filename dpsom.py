@@ -6,15 +6,14 @@
 
 Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototypes learn),
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
+
+This file is the experiment: config, named configs, config checks, data, and the commands (a training run,
+evaluate, assign). The loop and the evaluation are training.py's, TensorBoard is tb_logging.py's.
 """
 import csv
-import ctypes
 import json
-import math
 import os
-import signal
 import sys
-import time
 import uuid
 import warnings
 from datetime import datetime
@@ -25,21 +24,14 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # rai
 from sacred import Experiment  # noqa: E402
 from sacred.randomness import set_global_seed
 from sacred.utils import SacredError, apply_backspaces_and_linefeeds
-from google.protobuf import text_format
-from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summaries
-from tqdm import tqdm
 
-from checkpoint import (Interrupted, StopRequest, accelerator, checkpoint_state, load_checkpoint, restore_rng,
-                        resumed_config, save_checkpoint)
-from decay_scheduler import decayed_lr, set_lr
-from dpsom_model import DPSOM, MNIST_SHAPE, check_conv_shape, has_bf16_arithmetic
+from checkpoint import Interrupted, accelerator, load_checkpoint, resumed_config
+from dpsom_model import MNIST_SHAPE, check_conv_shape
 from mnist_data import DATASETS, DataError, load_data
 from user_data import CHANNELS, LIKELIHOODS, NORMALIZATIONS, Preprocessing, load_for_assign, load_user_data
-from tf1_adam import TF1Adam
-from utils import (clustering_metrics, heatmap, label_map, map_usage, node_statistics, picture_grid,
-                   quantization_error, reconstruction_errors, topographic_error, u_matrix)
+from tb_logging import component_planes
+from training import (LABEL_METRICS, TRANSIENT, TransientFailure, amp_on, build_model, evaluate_model, is_transient,
+                      place, train)
 
 ex = Experiment("dpsom")
 ex.captured_out_filter = apply_backspaces_and_linefeeds
@@ -249,461 +241,6 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def amp_on(c: dict, device: torch.device) -> bool:
-    """Whether the model runs amp's bf16 products: c["amp"], where the device has bf16 arithmetic. Elsewhere it
-    runs float32 and says so (emulated bf16 is slower than float32).
-
-    On a CUDA device every float32 product stays float32, with or without amp: PyTorch's default lets cuDNN's
-    convolutions round to TF32, and TF32 matmuls would round the SOM distances and the sample, the float32 parts
-    that amp leaves (its layers' products are bf16 already).
-    """
-    use = c["amp"] and has_bf16_arithmetic(device)
-    if c["amp"] and not use:
-        print(f"warning: amp=True, but {device} has no bf16 arithmetic (a CPU needs AMX or AVX512-BF16, a GPU "
-              f"Ampere or later): running float32", file=sys.stderr)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    return use
-
-
-# ---- training ---------------------------------------------------------------------------------------
-class NonFiniteLoss(SacredError, RuntimeError):
-    """A loss became NaN or infinite: the run stops, its last checkpoint stays."""
-
-    def __init__(self, message: str):
-        super().__init__(message, print_traceback=False)
-
-
-TRANSIENT = 75   # exit status of a run stopped by a failure a retry may not meet (EX_TEMPFAIL); sweep.py retries it
-
-
-class TransientFailure(BaseException):
-    """Out of device memory, or the file system failed: the run stops with its last checkpoint, and the same
-    run resumed later may succeed. A BaseException, so that Sacred, which turns every Exception into exit
-    status 1 (a config error's, never retried), passes it to __main__ and its own status."""
-
-
-# Device failures that are not torch.OutOfMemoryError yet pass with time or another process's exit: memory
-# taken while a context, cuBLAS or cuDNN handle is made, and a GPU held by another process (exclusive mode)
-TRANSIENT_DEVICE_ERRORS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                           "CUBLAS_STATUS_NOT_INITIALIZED", "busy or unavailable")
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether a failure may not meet a retry of the same run (sweep.py retries exit status TRANSIENT)."""
-    return isinstance(e, (torch.OutOfMemoryError, OSError)) or (
-        isinstance(e, RuntimeError) and any(s in str(e) for s in TRANSIENT_DEVICE_ERRORS))
-
-
-def make_optimizer(model: DPSOM, c: dict) -> torch.optim.Optimizer:
-    """The one optimiser of all three phases: TF1's Adam (the reference's) or PyTorch's, as c["adam"] says."""
-    return (TF1Adam if c["adam"] == "tf1" else torch.optim.Adam)(model.parameters(), lr=c["learning_rate"])
-
-
-def build_model(c: dict) -> DPSOM:
-    """The model of a run's config; c["input_shape"] (set from the data) is MNIST's where absent."""
-    return DPSOM(latent_dim=c["latent_dim"], som_dim=c["som_dim"], alpha=c["alpha"], beta=c["beta"],
-                 gamma=c["gamma"], theta=c["theta"], prior=c["prior"], prior_var=c["prior_var"],
-                 dropout=c["dropout"], convolution=c["convolution"], toroidal=c["toroidal"],
-                 posterior=c["posterior"], batchnorm=c["batchnorm"], leaky_logits=c["leaky_logits"],
-                 amp=c.get("amp", False),   # checkpoints written before the switch existed lack the key
-                 input_shape=tuple(c.get("input_shape", MNIST_SHAPE)), likelihood=c.get("likelihood", "bernoulli"))
-
-
-def train_step(model: DPSOM, opt: torch.optim.Optimizer, phase: str, x: torch.Tensor, p: torch.Tensor | None,
-               lr: float, loss_fn=None) -> dict:
-    """One optimiser step of the phase's loss; returns its parts as device tensors (no host sync).
-
-    loss_fn: phase_loss itself (default) or its torch.compile'd form.
-    """
-    set_lr(opt, lr)
-    total, parts = (loss_fn or phase_loss)(model, phase, x, p)
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    opt.step()
-    return parts
-
-
-class StepStats:
-    """Running sums of the loss parts and the first non-finite step, kept on the device between log points."""
-
-    def __init__(self):
-        self.names, self.n = None, 0
-
-    def add(self, parts: dict, step: int) -> None:
-        values = torch.stack([v.detach() for v in parts.values()])     # (terms,)
-        if self.names is None:
-            self.names = list(parts)
-            self.sum = torch.zeros_like(values)
-            self.bad_step = torch.full((), -1, dtype=torch.long, device=values.device)
-            self.bad_values = torch.zeros_like(values)
-        first_bad = ~torch.isfinite(values).all() & (self.bad_step < 0)
-        self.bad_step = torch.where(first_bad, step, self.bad_step)
-        self.bad_values = torch.where(first_bad, values, self.bad_values)
-        self.sum += values
-        self.n += 1
-
-    def check(self, phase: str, epoch: int, ckpt_path: str) -> None:
-        """Stop on a non-finite loss, naming the phase, epoch, step and the terms that went bad."""
-        step = int(self.bad_step)
-        if step >= 0:
-            terms = [k for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v)]
-            kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
-                    else "no checkpoint had been written yet")
-            raise NonFiniteLoss(f"non-finite loss in phase {phase}, epoch {epoch}, global step {step} "
-                                f"(terms: {', '.join(terms)}); {kept}")
-
-    def pop_means(self) -> dict:
-        means = dict(zip(self.names, (self.sum / self.n).tolist()))
-        self.sum.zero_()
-        self.n = 0
-        return means
-
-
-def epoch_plan(c: dict) -> list[tuple[str, float]]:
-    """(phase, learning rate of the phase) for every epoch of the run, in order."""
-    return ([("pretrain", c["learning_rate_pretrain"])] * c["epochs_pretrain"]
-            + [("som_init", lr) for lr in c["som_learning_rates"] for _ in range(c["som_epochs"])]
-            + [("train", c["learning_rate"])] * c["num_epochs"])
-
-
-def phase_loss(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """The loss a phase minimises and its parts."""
-    if phase == "pretrain":
-        out = model(x)
-        elbo, nll, kl = model.elbo(x, out)
-        return elbo, {"elbo": elbo, "nll": nll, "kl": kl}
-    if phase == "som_init":
-        with torch.no_grad():   # only the prototypes learn: the encoder runs forward only, no decoder
-            z = model.sample(*model.encode(x))
-            dist = model.distances(z)
-        loss = model.som_init_loss(z, dist)
-        return loss, {"loss": loss}
-    return model.joint_loss(x, model(x), p)
-
-
-EVAL_NOISE_SEED = 2020   # evaluation's one posterior sample (eval_sample) is seeded, so `evaluate` reproduces a run
-
-
-@torch.no_grad()
-def infer(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool, decode: bool = True,
-          noise_seed: int | None = EVAL_NOISE_SEED) -> dict:
-    """Per sample of a set, batched, in eval mode: latent code z (N, D), squared distances dist (N, H*W) and,
-    with `decode`, the reconstruction errors nll and mse (N,).
-
-    z is the posterior mean, or with `sample` one posterior sample whose noise comes from a CPU generator seeded
-    with noise_seed (repeatable, the same on every device, training's RNG stream left alone), or from the
-    device's global RNG if it is None.
-    """
-    was_training = model.training
-    model.eval()
-    noise = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
-    results = {}
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        eps = None if not sample else (torch.randn(len(xb), model.latent_dim, device=x.device) if noise is None
-                                       else torch.randn(len(xb), model.latent_dim, generator=noise).to(x.device))
-        out = model(xb, eps=eps, sample=sample, decode=decode)
-        parts = {"z": out.z, "dist": out.dist}
-        if decode:
-            parts["nll"], parts["mse"] = reconstruction_errors(xb, out.logits, model.likelihood)
-        for k, v in parts.items():
-            # written into one tensor for the whole set: no per-batch results (z = loc is a view that would
-            # hold the head's whole output) left between the batch's freed temporaries to fragment the heap
-            if k not in results:
-                results[k] = v.new_empty((len(x), *v.shape[1:]))
-            results[k][i:i + len(xb)] = v
-    model.train(was_training)
-    return results
-
-
-def target_distribution(model: DPSOM, x: torch.Tensor, batch_size: int, sample: bool) -> torch.Tensor:
-    """DEC target P (N, H*W) over a whole set, encoder only; a sampled z draws on training's RNG stream."""
-    dist = infer(model, x, batch_size, sample, decode=False, noise_seed=None)["dist"]
-    return DPSOM.target_distribution(model.soft_assign(dist))
-
-
-LABEL_METRICS = "NMI, purity, AMI, ARI, accuracy"
-
-
-def evaluate_model(model: DPSOM, x: torch.Tensor, y: np.ndarray | None, batch_size: int,
-                   sample: bool) -> tuple[dict, np.ndarray]:
-    """Every evaluation number over every sample of the set, and the BMU of each sample (its cluster).
-
-    Without labels (y None) the clustering numbers (LABEL_METRICS) are left out."""
-    out = infer(model, x, batch_size, sample)
-    dist = out["dist"]                                                 # (N, H*W)
-    bmu = dist.argmin(1).cpu().numpy()
-    metrics = {**(clustering_metrics(bmu, y, dist.shape[1]) if y is not None else {}),
-               "nll": float(out["nll"].mean()), "mse": float(out["mse"].mean()),
-               "quantization_error": quantization_error(dist),
-               "topographic_error": topographic_error(dist, model.neighbours, model.neighbour_mask),
-               **map_usage(bmu, dist.shape[1])}
-    return metrics, bmu
-
-
-class Logger:
-    """One place that writes to TensorBoard (scalars, pictures, embeddings, hparams), and scalars to Sacred,
-    under `<phase>/<name>`."""
-
-    def __init__(self, logdir: str, run, purge_step: int | None = None):
-        # purge_step: a resumed run hides what the interrupted one logged after its checkpoint
-        self.writer, self.run = SummaryWriter(logdir, purge_step=purge_step), run
-
-    def scalars(self, prefix: str, values: dict, step: int) -> None:
-        for name, value in values.items():
-            value = float(value)   # the only place tensors meet the host
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
-            if self.run is not None:
-                self.run.log_scalar(f"{prefix}/{name}", value, step)
-
-    def image(self, tag: str, picture, step: int) -> None:
-        """A (channels, H, W) picture with values in [0, 1]."""
-        self.writer.add_image(tag, picture, step)
-
-    def embedding(self, tag: str, codes: torch.Tensor, labels: np.ndarray | None, nodes: np.ndarray,
-                  images: torch.Tensor | None, step: int) -> None:
-        """Latent codes (N, D) in the projector with each one's BMU node and label (if any), images (N, C, h, w)
-        with C 1 or 3 (if any) as sprites."""
-        config = os.path.join(self.writer.get_logdir(), "projector_config.pbtxt")
-        if not hasattr(self.writer, "_projector_config") and os.path.exists(config):
-            # add_embedding rewrites the file from this writer's entries: keep those of the run before a resume
-            with open(config) as f:
-                self.writer._projector_config = text_format.Parse(f.read(), ProjectorConfig())
-        if labels is None:
-            metadata, header = [int(n) for n in nodes], None
-        else:
-            metadata, header = [[str(a), int(n)] for a, n in zip(labels, nodes)], ["label", "node"]
-        self.writer.add_embedding(codes, metadata=metadata, metadata_header=header, label_img=images,
-                                  global_step=step, tag=tag)
-
-    def hparams(self, config: dict, metrics: dict) -> None:
-        """The config (paths left out, som_dim split into som_dim_h, som_dim_w) with the eval/... metrics in the
-        HParams tab. Written into this run's folder; SummaryWriter.add_hparams would make a sub-run."""
-        paths = ("data_dir", "logdir", "pretrain_path", "resume", "checkpoint", "preprocessing")
-        values = {k: v for k, v in config.items() if k not in paths}
-        values["som_dim_h"], values["som_dim_w"] = values.pop("som_dim")
-        values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in values.items()}  # lists, None
-        for summary in hparams_summaries(values, {f"eval/{k}": v for k, v in metrics.items()}):
-            self.writer.file_writer.add_summary(summary)   # the values are the eval/... scalars of this run
-
-
-PICTURE_EPOCHS = 10       # joint epochs between pictures (and at the end of every phase)
-PROJECTOR_SAMPLES = 3000  # first samples of the evaluation set shown in the embedding projector
-PAIR_ROWS, PAIR_COLS = 4, 8
-COMPONENT_PLANES = 8      # features pictured over the map by default (vector data)
-
-
-def component_planes(c: dict, width: int) -> list[tuple[str, int]]:
-    """(name, feature index) of the features pictured over the map: component_planes, or the first 8."""
-    names = (c.get("preprocessing") or {}).get("feature_names") or [f"feature_{j}" for j in range(width)]
-    requested = c.get("component_planes")
-    if requested is None:
-        return [(names[j], j) for j in range(min(COMPONENT_PLANES, width))]
-    planes = []
-    for v in requested:
-        j = names.index(v) if isinstance(v, str) and v in names else v
-        if not isinstance(j, int) or not 0 <= j < width:
-            raise SetupError(f"config component_planes: {v!r} is not a feature; give names of {', '.join(names[:8])}"
-                             f"{' ...' if width > 8 else ''} or indices 0 to {width - 1}")
-        planes.append((names[j], j))
-    return planes
-
-
-@torch.no_grad()
-def log_pictures(log: Logger, model: DPSOM, x: torch.Tensor, y: np.ndarray | None, c: dict, phase: str, step: int,
-                 projector: bool) -> None:
-    """The map as TensorBoard pictures under `<phase>/...`, from one encoder pass over the evaluation set (x, y)
-    with the evaluation's z.
-
-    Images: decoded_som, every prototype decoded, laid out as the H x W grid (RGB with 3 channels, else the
-    channels' mean); reconstructions, rows of inputs of the set's first samples, each above its reconstruction
-    (posterior mean). Vectors: component_planes/<feature>, each chosen feature's decoded value over the map.
-    Both: hit_map and u_matrix, one cell per node, and with labels majority_label (faded as the node's purity falls)
-    and node_purity; with `projector`, the latent codes of the first PROJECTOR_SAMPLES samples in the embedding
-    projector.
-    """
-    out = infer(model, x, c["batch_size"], c["eval_sample"], decode=False)
-    bmu = out["dist"].argmin(1).cpu().numpy()
-    H, W = model.som_dim
-    E = model.embeddings.view(H * W, -1)                                      # (H*W, D)
-    shape = model.input_shape
-    images = len(shape) == 3
-    was_training = model.training
-    model.eval()
-    decoded = model.mean(model.decode(E))                                     # (H*W, F)
-    if images:
-        log.image(f"{phase}/decoded_som", picture_grid(decoded, shape, H, W), step)
-        cols = min(PAIR_COLS, len(x))
-        rows = min(PAIR_ROWS, len(x) // cols)
-        inputs = x[:rows * cols]                                              # (rows*cols, F)
-        recon = model.mean(model.decode(model.encode(inputs)[0]))
-        pairs = torch.stack([inputs.view(rows, cols, -1), recon.view(rows, cols, -1)], 1)   # (rows, 2, cols, F)
-        log.image(f"{phase}/reconstructions", picture_grid(pairs.view(rows * 2 * cols, -1), shape, 2 * rows, cols),
-                  step)
-    else:
-        for name, j in component_planes(c, shape[0]):
-            log.image(f"{phase}/component_planes/{name.replace('/', '_')}",
-                      heatmap(decoded[:, j].view(H, W).cpu().numpy()), step)
-    model.train(was_training)
-    log.image(f"{phase}/hit_map", heatmap(np.bincount(bmu, minlength=H * W).reshape(H, W), lo=0), step)
-    if y is not None:
-        classes, codes = np.unique(y, return_inverse=True)
-        if np.issubdtype(y.dtype, np.integer) and classes.min() >= 0 and classes.max() <= 9:
-            codes = y                                                         # digits draw as themselves
-        else:   # colours and glyphs of other labels are their codes 0, 1, ...: say which is which
-            log.writer.add_text(f"{phase}/majority_label_codes", ", ".join(f"{k}: {c}" for k, c in enumerate(classes)),
-                                step)
-        hits, majority, purity = node_statistics(bmu, codes, H * W)
-        log.image(f"{phase}/majority_label", label_map(majority.reshape(H, W), purity.reshape(H, W)), step)
-        log.image(f"{phase}/node_purity", heatmap(np.where(hits > 0, purity, np.nan).reshape(H, W), lo=0, hi=1), step)
-    u = u_matrix(E, model.neighbours, model.neighbour_mask)                  # (H*W,)
-    log.image(f"{phase}/u_matrix", heatmap(u.view(H, W).cpu().numpy()), step)
-    if projector:
-        n = min(PROJECTOR_SAMPLES, len(x))
-        sprites = (x[:n].view(n, *shape).cpu() if images and shape[0] in (1, 3) and model.likelihood == "bernoulli"
-                   else None)                                                 # the projector shows [0, 1] images
-        log.embedding(phase, out["z"][:n].cpu(), None if y is None else y[:n], bmu[:n], sprites, step)
-
-
-try:
-    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim   # glibc (Linux); absent on macOS, Windows, musl
-except (OSError, AttributeError):
-    _MALLOC_TRIM = None
-
-
-def release_freed_memory() -> bool:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim); False where there is no glibc.
-
-    Called once an epoch. A CPU step frees tensors of 12 MB and more (the full-covariance scale of a batch of
-    300, the head's 41 MB gradient); glibc raises its mmap threshold after the first such free and then serves
-    them from its heap, where freed holes between smaller survivors stay in the RSS. Costs milliseconds and
-    changes no number. (In a default MNIST run, before `infer` wrote into preallocated results, the RSS had
-    reached 3.1 GB by joint epoch 244; one malloc_trim brought it to 1.0 GB.)
-    """
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)
-    return True
-
-
-def train(c: dict, data: dict, device: torch.device, logdir: str, run, resume: dict | None = None,
-          how_to_continue: str | None = None) -> dict:
-    """All three phases with one optimiser and one global step; returns the final metrics.
-
-    how_to_continue: what a stop message tells the user (default: the resume command for logdir).
-    """
-    model = build_model({**c, "amp": amp_on(c, device)}).to(device)
-    opt = make_optimizer(model, c)
-    loss_fn = torch.compile(phase_loss) if c["compile"] else phase_loss   # one graph per phase, made at its start
-    x_train = torch.as_tensor(data["x_train"], device=device)         # (N, 784), resident on the device
-    x_eval = torch.as_tensor(data["x_eval"], device=device)
-    B = c["batch_size"]
-    steps_per_epoch = len(x_train) // B
-    plan = epoch_plan(c)
-    global_step, start, first_batch, targets = 0, 0, 0, None
-    state = resume or (load_checkpoint(c["pretrain_path"]) if c["use_saved_pretrain"] else None)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        global_step, start, first_batch = state["global_step"], state["plan_index"], state["batch"]
-    if resume is None and c["use_saved_pretrain"]:                     # joint training of this plan
-        start, first_batch = c["epochs_pretrain"] + len(c["som_learning_rates"]) * c["som_epochs"], 0
-    if resume is not None:                                             # continue exactly where it stopped
-        targets = None if resume["targets"] is None else tuple(t.to(device) for t in resume["targets"])
-        if not restore_rng(resume["rng"], device, resume["config"].get("device", "auto")):
-            print(f"note: the checkpoint was written on another kind of device than {device}; training goes on "
-                  f"with this device's own random stream, so the run does not repeat an uninterrupted one bit for "
-                  f"bit", file=sys.stderr)
-    log = Logger(logdir, run, purge_step=global_step + 1 if resume else None)
-    ckpt_path = os.path.join(logdir, "checkpoint.pt")
-    x_mon = x_eval[:B]                                                 # fixed monitoring batch
-    bar, bar_phase, metrics = None, None, {}
-    how_to_continue = how_to_continue or f"continue with: python dpsom.py with resume={logdir}"
-    model.train()
-    with StopRequest(f"the last checkpoint ({ckpt_path}, end of the last epoch) is kept; {how_to_continue}") as stop:
-        for index in range(start, len(plan)):
-            phase, base_lr = plan[index]
-            started = time.perf_counter()
-            epoch = [ph for ph, _ in plan[:index]].count(phase)        # epoch within its phase
-            b0 = first_batch if index == start else 0
-            if phase != bar_phase:
-                if bar is not None:
-                    bar.close()
-                bar_phase, bar = phase, tqdm(total=[ph for ph, _ in plan].count(phase) * steps_per_epoch,
-                                             initial=epoch * steps_per_epoch + b0, desc=phase, disable=None)
-            if phase == "train" and (targets is None or b0 == 0):
-                # DEC target over the whole train split and the monitoring set, once an epoch
-                targets = (target_distribution(model, x_train, B, c["target_sample"]),
-                           target_distribution(model, x_eval, B, c["target_sample"])[:B])
-            p_train, p_mon = targets if phase == "train" else (None, None)
-            stats, means = StepStats(), {"loss": float("nan")}   # no steps left when it stopped after the last
-            for b in range(b0, steps_per_epoch):
-                p = None if p_train is None else p_train[b * B:(b + 1) * B]
-                lr = decayed_lr(base_lr, global_step, c["decay_factor"], c["decay_steps"])
-                global_step += 1
-                stats.add(train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr, loss_fn), global_step)
-                bar.update(1)
-                if global_step % c["log_every"] == 0 or b == steps_per_epoch - 1 or stop.signum:
-                    stats.check(phase, epoch, ckpt_path)
-                    means = stats.pop_means()
-                    log.scalars(phase, {**means, "lr": lr, **monitor(model, phase, x_mon, p_mon)}, global_step)
-                    bar.set_postfix(loss=f"{next(iter(means.values())):.4g}", refresh=False)
-                if stop.signum:
-                    save_checkpoint(ckpt_path, checkpoint_state(model, opt, c, global_step, index, b + 1, phase,
-                                                                epoch, targets if phase == "train" else None))
-                    log.writer.close()
-                    raise Interrupted(f"stopped by signal {signal.Signals(stop.signum).name} in phase {phase}, "
-                                      f"epoch {epoch}, global step {global_step}; checkpoint {ckpt_path}; "
-                                      f"{how_to_continue}")
-            last_of_phase = index + 1 == len(plan) or plan[index + 1][0] != phase
-            if phase == "train" and (last_of_phase or (c["val_epochs"] and (epoch + 1) % 10 == 0)):
-                metrics = evaluate_model(model, x_eval, data["y_eval"], B, c["eval_sample"])[0]
-                log.scalars("eval", metrics, global_step)
-            if last_of_phase or (phase == "train" and (epoch + 1) % PICTURE_EPOCHS == 0):
-                log_pictures(log, model, x_eval, data["y_eval"], c, phase, global_step, projector=last_of_phase)
-            state = checkpoint_state(model, opt, c, global_step, index + 1, 0, phase, epoch)
-            save_checkpoint(ckpt_path, state)
-            release_freed_memory()
-            if phase == "som_init" and last_of_phase and c["save_pretrain"]:
-                save_checkpoint(c["pretrain_path"], state)
-            if bar.disable:   # no terminal (a file, nohup, Sacred's capture): one line an epoch instead of the bar
-                print(progress_line(plan, index, epoch, steps_per_epoch - b0, B, time.perf_counter() - started,
-                                    global_step, steps_per_epoch, means), flush=True)
-    if bar is not None:
-        bar.close()
-    if not metrics:   # no joint epochs left to run: evaluate what the weights give
-        metrics = evaluate_model(model, x_eval, data["y_eval"], B, c["eval_sample"])[0]
-        log.scalars("eval", metrics, global_step)
-    log.hparams(c, metrics)
-    log.writer.close()
-    return metrics
-
-
-def progress_line(plan: list, index: int, epoch: int, steps: int, batch_size: int, seconds: float, global_step: int,
-                  steps_per_epoch: int, means: dict) -> str:
-    """phase, epoch/total, global step, the epoch's last logged loss, samples/s, and the time left at this pace."""
-    phase = plan[index][0]
-    left = (len(plan) - index - 1) * steps_per_epoch * seconds / max(steps, 1)
-    return (f"{phase} epoch {epoch + 1}/{[ph for ph, _ in plan].count(phase)}  step {global_step}/"
-            f"{len(plan) * steps_per_epoch}  loss {next(iter(means.values())):.4g}  "
-            f"{steps * batch_size / seconds:.0f} samples/s  ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:"
-            f"{int(left % 60):02d}")
-
-
-@torch.no_grad()
-def monitor(model: DPSOM, phase: str, x: torch.Tensor, p: torch.Tensor | None) -> dict:
-    """The phase's loss on a fixed batch of the evaluation set, in eval mode.
-
-    Its noise comes from a forked RNG, so monitoring leaves training's random stream (and resume) untouched.
-    """
-    model.eval()
-    with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device], device_type=x.device.type):
-        _, parts = phase_loss(model, phase, x, p)
-    model.train()
-    return {f"val_{k}": v for k, v in parts.items()}
-
-
 def given_keys(run) -> set[str]:
     """The config keys set on the command line (or by config_updates), whatever their value."""
     updates = run.meta_info.get("options", {}).get("UPDATE") or []
@@ -825,25 +362,20 @@ def assign(_config: dict, _run) -> dict:
         raise SetupError(f"data: {e}") from None
     model = build_model({**c, "amp": amp_on(c, device)}).to(device)
     model.load_state_dict(state["model"])
-    dist = infer(model, torch.as_tensor(x, device=device), c["batch_size"], c["eval_sample"], decode=False)["dist"]
-    q = model.soft_assign(dist)                                                # (N, H*W)
-    bmu = dist.argmin(1)
-    W = model.som_dim[1]
-    out = {"bmu": bmu, "row": bmu // W, "column": bmu % W,
-           "distance": dist.gather(1, bmu[:, None]).squeeze(1).sqrt(), "q_bmu": q.gather(1, bmu[:, None]).squeeze(1)}
-    out = {k: v.cpu().numpy() for k, v in out.items()}
+    out = place(model, torch.as_tensor(x, device=device), c["batch_size"], c["eval_sample"])
+    q = out.pop("q")                                                           # (N, H*W)
     labels = {} if y is None else {"label": y}
-    folder = os.path.dirname(os.path.abspath(state["path"]))
-    stem = os.path.join(folder, "assignments")
-    np.savez(stem + ".npz", **out, q=q.cpu().numpy(), **labels, source=os.path.abspath(_config["data_path"]))
+    stem = os.path.join(os.path.dirname(os.path.abspath(state["path"])), "assignments")
+    np.savez(stem + ".npz", **out, q=q, **labels, source=os.path.abspath(_config["data_path"]))
     with open(stem + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sample", *out, *labels])
         columns = [out["bmu"], out["row"], out["column"], out["distance"].tolist(), out["q_bmu"].tolist(),
                    *labels.values()]
         writer.writerows(zip(range(len(x)), *columns))
-    print(f"placed {len(x)} samples of {_config['data_path']} on the {model.som_dim[0]}x{W} map of {state['path']}; "
-          f"{int((np.bincount(out['bmu'], minlength=q.shape[1]) > 0).sum())} nodes hit; wrote {stem}.csv and {stem}.npz")
+    print(f"placed {len(x)} samples of {_config['data_path']} on the {model.som_dim[0]}x{model.som_dim[1]} map of "
+          f"{state['path']}; {int((np.bincount(out['bmu'], minlength=q.shape[1]) > 0).sum())} nodes hit; wrote "
+          f"{stem}.csv and {stem}.npz")
     return {"samples": len(x), "path": stem}
 
 
@@ -886,7 +418,10 @@ def main(_config: dict, _run) -> dict:
     pre = data["preprocessing"]
     c["input_shape"], c["preprocessing"] = pre.shape, pre.to_dict()   # kept in the checkpoint with the config
     if not pre.is_image:
-        component_planes(c, pre.shape[0])                             # a wrong feature name fails now, not later
+        try:
+            component_planes(c, pre.shape[0])                         # a wrong feature name fails now, not later
+        except ValueError as e:
+            raise SetupError(f"config {e}") from None
     print(f"DPSOM on {data_description(c, pre)} ({c['arch']}), {len(data['x_train'])} training samples, "
           f"{len(data['x_eval'])} {'validation' if c['validation'] else 'test'} samples, device {device}, "
           f"logdir {c['logdir']}")

@@ -7,10 +7,10 @@ For the dense and the conv model: samples/s of each phase's optimiser step (pret
 of the target-distribution pass over the train split and of evaluation. Each is also a ratio to a bare
 step of the same networks (forward + backward + Adam on a plain BCE: no SOM, no logging) timed right
 beside it: on a shared machine the seconds drift by several times, ratios of adjacent timings much less.
-A phase step is what dpsom.train does per batch (learning rate, train_step, StepStats.add) without the
+A phase step is what training.train does per batch (learning rate, train_step, StepStats.add) without the
 branch taken every log_every steps. The target-distribution pass is reported as a share of one joint
 epoch, evaluation as its time per sample over a bare step's. Peak memory per model is this process's
-(both networks, the data). A child runs one joint epoch of dpsom.train at full size for a default dense
+(both networks, the data). A child runs one joint epoch of training.train at full size for a default dense
 run's peak RSS and checkpoint size; drift over hundreds of epochs is beyond it. From the rates, the
 time of a default run's steps and target passes (full_run_estimate_s).
 With --variants (default on a GPU), the joint step under compile=True, amp=True and both, each timed
@@ -43,8 +43,9 @@ import dpsom
 from decay_scheduler import decayed_lr
 from dpsom_model import has_bf16_arithmetic
 from mnist_data import load_data
+import training
 
-PHASES = {"pretrain": "pretrain", "som_init": "som_init", "joint": "train"}   # report name -> dpsom's name
+PHASES = {"pretrain": "pretrain", "som_init": "som_init", "joint": "train"}   # report name -> training's name
 CPU_TARGETS = {"pretrain": 1.1, "som_init": 0.3, "joint": 1.15, "target_distribution": 0.35}   # the issue's, dense
 RSS_TARGET_MB = 1500
 N_TRAIN, N_EVAL = 51000, 10000
@@ -91,13 +92,13 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
     x_train = torch.as_tensor(data["x_train"], device=device)       # resident on the device, batches by slicing
     x_eval, y_eval = torch.as_tensor(data["x_eval"][:n_eval], device=device), data["y_eval"][:n_eval]
 
-    bare = dpsom.build_model(c).to(device).train()
+    bare = training.build_model(c).to(device).train()
     bare_opt = torch.optim.Adam(bare.parameters(), lr=c["learning_rate"])
-    model = dpsom.build_model(c).to(device).train()
-    opt = dpsom.make_optimizer(model, c)                               # one optimiser for all phases, as train()
+    model = training.build_model(c).to(device).train()
+    opt = training.make_optimizer(model, c)                               # one optimiser for all phases, as train()
     base_lr = {"pretrain": c["learning_rate_pretrain"], "som_init": c["som_learning_rates"][0],
                "train": c["learning_rate"]}
-    stats = {phase: dpsom.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
+    stats = {phase: training.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
     s = {"step": 0, "bare_step": 0, "p": None}
 
     def bare_step():
@@ -110,12 +111,12 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         bare_opt.step()
         s["bare_step"] += 1
 
-    def phase_step(phase):   # the body of dpsom.train's step loop, without tqdm and the logging branch
+    def phase_step(phase):   # the body of training.train's step loop, without tqdm and the logging branch
         b = s["step"] % (n_td // B)
         p = None if phase != "train" else s["p"][b * B:(b + 1) * B]
         lr = decayed_lr(base_lr[phase], s["step"], c["decay_factor"], c["decay_steps"])
         s["step"] += 1
-        stats[phase].add(dpsom.train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), s["step"])
+        stats[phase].add(training.train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), s["step"])
 
     def beside_bare(fn) -> tuple[float, float]:
         """Seconds of one call of fn, and the same in bare steps (bare timed just before and after)."""
@@ -124,11 +125,11 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         return seconds, seconds / statistics.mean([before, timed(bare_step, block, device)])
 
     def target_distribution():
-        s["p"] = dpsom.target_distribution(model, x_train[:n_td], B, c["target_sample"])
+        s["p"] = training.target_distribution(model, x_train[:n_td], B, c["target_sample"])
 
     # Warm-up (allocator, oneDNN primitives, Adam state); the medians below absorb what is left of it.
     bare_step(), phase_step("pretrain"), phase_step("som_init")
-    dpsom.target_distribution(model, x_train[:2 * B], B, c["target_sample"])
+    training.target_distribution(model, x_train[:2 * B], B, c["target_sample"])
     td_s, td_bare = beside_bare(target_distribution)                # also the p of the joint steps
     phase_step("train")
 
@@ -158,7 +159,7 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
 
-    eval_s, eval_bare = beside_bare(lambda: dpsom.evaluate_model(model, x_eval, y_eval, B, c["eval_sample"]))
+    eval_s, eval_bare = beside_bare(lambda: training.evaluate_model(model, x_eval, y_eval, B, c["eval_sample"]))
     med = {name: statistics.median(v) for name, v in ratio.items()}
     bare_s = statistics.median(bare_t)
     steps_per_epoch = len(data["x_train"]) // B
@@ -217,7 +218,7 @@ def gemm_fractions(c: dict, x_train: torch.Tensor, device: torch.device, max_rou
     B = c["batch_size"]
     steps, products, macs = {}, {}, None
     for name, amp, dtype in (("float32", False, torch.float32), ("bfloat16", True, torch.bfloat16)):
-        model = dpsom.build_model({**c, "amp": amp}).to(device).train()
+        model = training.build_model({**c, "amp": amp}).to(device).train()
         opt = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])
         macs = macs or step_macs(model, x_train[:B])   # counted on the float32 model: amp's head is no module call
 
@@ -262,15 +263,15 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
     out = {}
     for name, (compiled, amp) in variants.items():
         torch._dynamo.reset()
-        model = dpsom.build_model({**c, "amp": amp}).to(device).train()
-        opt = dpsom.make_optimizer(model, c)
-        loss_fn = torch.compile(dpsom.phase_loss) if compiled else dpsom.phase_loss
-        stats, step = dpsom.StepStats(), [0]
+        model = training.build_model({**c, "amp": amp}).to(device).train()
+        opt = training.make_optimizer(model, c)
+        loss_fn = torch.compile(training.phase_loss) if compiled else training.phase_loss
+        stats, step = training.StepStats(), [0]
 
         def switched():
             b = step[0] % (len(x_train) // B)
             step[0] += 1
-            stats.add(dpsom.train_step(model, opt, "train", x_train[b * B:(b + 1) * B], p[b * B:(b + 1) * B],
+            stats.add(training.train_step(model, opt, "train", x_train[b * B:(b + 1) * B], p[b * B:(b + 1) * B],
                                        c["learning_rate"], loss_fn), step[0])
 
         warmup = timed(switched, 2, device) * 2
@@ -312,7 +313,7 @@ def default_run(data_dir: str | None, device: str) -> dict:
         done = subprocess.run(cmd, check=True, capture_output=True, text=True)
         ckpt = os.path.getsize(os.path.join(logdir, "checkpoint.pt"))
     # Adam keeps two tensors per parameter; anything beyond model + those + a few bytes is duplication.
-    model = dpsom.build_model(default_config(False))
+    model = training.build_model(default_config(False))
     ideal = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
         2 * p.numel() * p.element_size() for p in model.parameters())
     return {"peak_rss_mb": json.loads(done.stdout.splitlines()[-1])["peak_rss_mb"],
@@ -324,7 +325,7 @@ def child(logdir: str, data_dir: str | None, device: str) -> None:
     # The joint epoch holds every large tensor a run has: data, p over the train split, the full graph.
     # (A child's getrusage would not do: exec carries the parent's high-water mark into its ru_maxrss.)
     c = {**default_config(False), "epochs_pretrain": 0, "som_learning_rates": [], "num_epochs": 1}
-    dpsom.train(c, get_data(data_dir), dpsom.pick_device(device), logdir, None)
+    training.train(c, get_data(data_dir), dpsom.pick_device(device), logdir, None)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 

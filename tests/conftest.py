@@ -33,3 +33,16 @@ def data_dir() -> str:
         missing(f"MNIST IDX files not found in {', '.join(places)}: run `python dpsom.py with quick` once (it "
                 f"downloads them into data/), or set DPSOM_DATA_DIR to a folder holding mnist/")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
+    """One seconds-long run through the Sacred entry point, shared by the tests of its TensorBoard folder
+    (test_tb_logging) and of the evaluate command (test_eval): its Sacred Run and its folder."""
+    import dpsom
+    from test_end_to_end import TINY
+    folder = tmp_path_factory.mktemp("eval")
+    config = {**TINY, "max_train_samples": 300, "som_learning_rates": [0.9], "num_epochs": 1, "log_every": 3,
+              "max_eval_samples": 300, "eval_sample": True, "data_dir": data_dir, "logdir": str(folder / "run"),
+              "pretrain_path": str(folder / "pre.pt")}
+    return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"}), folder / "run"

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpsom  # noqa: E402
+import training  # noqa: E402
 
-PLACES = {"target_distribution": dpsom, "evaluate_model": dpsom, "log_pictures": dpsom, "save": torch}
+PLACES = {"target_distribution": training, "evaluate_model": training, "log_pictures": training, "save": torch}
 moment = sys.argv.pop(1)
 signals = 2 if moment.startswith("twice:") else 1
 disk_full = moment.startswith("full:")
@@ -34,7 +35,7 @@ def sigterm():
 
 
 if where == "step":
-    real_train, real_step = dpsom.train, dpsom.train_step
+    real_train, real_step = dpsom.train, training.train_step
 
     def counting_train(c, data, device, logdir, run, resume=None, *rest):
         calls["n"] = resume["global_step"] if resume else 0
@@ -47,7 +48,7 @@ if where == "step":
             sigterm()
         return parts
 
-    dpsom.train, dpsom.train_step = counting_train, killing_step
+    dpsom.train, training.train_step = counting_train, killing_step   # where main and train look them up
 else:
     owner = PLACES[where]
     real = getattr(owner, where)

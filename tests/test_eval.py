@@ -1,28 +1,19 @@
-"""Evaluation numbers on hand-made cases, the TensorBoard pictures of a tiny run and the `evaluate` command."""
-import glob
+"""Evaluation numbers on hand-made cases and the `evaluate` command on a tiny run."""
 import itertools
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
 import dpsom
-from dpsom_model import DPSOM, grid_neighbours
-from test_end_to_end import METRICS, TINY
-from utils import (PALETTE, cluster_accuracy, clustering_metrics, heatmap, image_grid, label_map, map_usage,
-                   node_statistics, quantization_error, reconstruction_errors, topographic_error, u_matrix)
-
-PHASES = ["pretrain", "som_init", "train"]
-PICTURES = ["decoded_som", "reconstructions", "hit_map", "majority_label", "node_purity", "u_matrix"]
+from dpsom_model import grid_neighbours
+import training
+from utils import (cluster_accuracy, clustering_metrics, map_usage, node_statistics, quantization_error,
+                   reconstruction_errors, topographic_error, u_matrix)
 
 
 # ---- numbers --------------------------------------------------------------------------------------
@@ -93,80 +84,7 @@ def test_map_usage_and_node_statistics_by_hand():
     assert purity.tolist() == pytest.approx([2 / 3, 0.0, 1.0])
 
 
-def test_evaluation_sample_is_repeatable_and_leaves_the_global_rng():
-    torch.manual_seed(0)
-    model = DPSOM(latent_dim=4, som_dim=(2, 5))                                # 10 nodes, 10 classes: accuracy
-    x, y = torch.rand(40, 784), np.arange(40) % 10
-    state = torch.get_rng_state()
-    first, bmu = dpsom.evaluate_model(model, x, y, 16, sample=True)
-    assert torch.equal(torch.get_rng_state(), state) and model.training
-    assert dpsom.evaluate_model(model, x, y, 16, sample=True)[0] == first
-    assert set(first) == METRICS | {"accuracy"} and bmu.shape == (40,)
-    encoded = dpsom.infer(model, x, 16, sample=True, decode=False)            # the pictures' pass: same codes
-    assert set(encoded) == {"z", "dist"} and np.array_equal(encoded["dist"].argmin(1).numpy(), bmu)
-    mean = dpsom.infer(model, x, 16, sample=False)
-    model.eval()
-    assert torch.allclose(mean["z"], model.encode(x)[0]) and not torch.equal(mean["z"], encoded["z"])
-    assert mean["nll"].mean().item() == pytest.approx(model.nll(x, model.decode(mean["z"])).item())
-
-
-# ---- pictures -------------------------------------------------------------------------------------
-def test_picture_builders():
-    images = torch.arange(6.0).view(6, 1, 1).expand(6, 2, 3) / 10             # image k is filled with k/10
-    grid = image_grid(images, 2, 3)
-    assert grid.shape == (1, 2 * 3 + 1, 3 * 4 + 1)
-    assert grid[0, 4:6, 9:12].eq(0.5).all() and grid[0, 0].eq(0.5).all()      # image 5: row 1, col 2
-    picture = heatmap(np.array([[0.0, 1.0], [np.nan, 0.5]]), cell=4)
-    assert picture.shape == (3, 8, 8) and 0 <= picture.min() and picture.max() <= 1
-    assert np.allclose(picture[:, 4:, :4], 0.5) and not np.allclose(picture[:, :4, :4], picture[:, :4, 4:])
-    labels = label_map(np.array([[1, -1]]), np.array([[1.0, 0.0]]), cell=12)
-    assert labels.shape == (3, 12, 24) and np.all(labels[:, :, 12:] == 0)    # unused node black
-    assert np.allclose(labels[:, 0, 0], PALETTE[1])                           # purity 1: the label's colour
-    assert (labels[:, :, :12].sum(0) == 0).sum() == 8 * 2 * 2                 # the glyph "1": 8 pixels of 2x2
-    faded = label_map(np.array([[1]]), np.array([[0.5]]), cell=12)
-    assert np.allclose(faded[:, 0, 0], (1 + PALETTE[1]) / 2)                  # purity 1/2: halfway to white
-
-
-# ---- a tiny run and the evaluate command ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, data_dir):
-    folder = tmp_path_factory.mktemp("eval")
-    config = {**TINY, "max_train_samples": 300, "som_learning_rates": [0.9], "num_epochs": 1, "log_every": 3,
-              "max_eval_samples": 300, "eval_sample": True, "data_dir": data_dir, "logdir": str(folder / "run"),
-              "pretrain_path": str(folder / "pre.pt")}
-    return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"}), folder / "run"
-
-
-def test_run_logs_every_number_and_picture(tiny_run):
-    r, logdir = tiny_run
-    assert set(r.result) == METRICS
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    for name in METRICS:
-        assert acc.Scalars(f"eval/{name}")[-1].value == pytest.approx(r.result[name], rel=1e-6)
-    images = set(acc.Tags()["images"])
-    assert {f"{phase}/{name}" for phase in PHASES for name in PICTURES} <= images
-    assert [e.step for e in acc.Images("train/u_matrix")] == [9]
-    decoded = acc.Images("som_init/decoded_som")[-1]
-    assert (decoded.width, decoded.height) == (8 * 29 + 1, 8 * 29 + 1)
-    hp = {tag: HParamsPluginData.FromString(content) for tag, content in acc.PluginTagToContent("hparams").items()}
-    start = hp["_hparams_/session_start_info"].session_start_info.hparams
-    assert start["som_dim_h"].number_value == 8 and start["som_dim_w"].number_value == 8
-    assert start["latent_dim"].number_value == 10 and "logdir" not in start and "som_dim" not in start
-    metric_tags = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
-    assert metric_tags == {f"eval/{name}" for name in METRICS}
-    assert glob.glob(str(logdir / "*" / "events.out.tfevents.*")) == []      # no stray hparams sub-run
-    with open(logdir / "projector_config.pbtxt") as f:
-        projector = text_format.Parse(f.read(), ProjectorConfig())
-    assert [e.tensor_name for e in projector.embeddings] == ["pretrain:00003", "som_init:00006", "train:00009"]
-    embedding = projector.embeddings[-1]
-    codes = np.loadtxt(logdir / embedding.tensor_path, delimiter="\t")
-    assert codes.shape == (300, 10)
-    with open(logdir / embedding.metadata_path) as f:
-        assert f.readline().split() == ["label", "node"] and len(f.readlines()) == 300
-    assert os.path.exists(logdir / embedding.sprite.image_path)
-
-
+# ---- the evaluate command on a tiny run -----------------------------------------------------------
 def test_evaluate_command_reproduces_the_run(tiny_run, data_dir, capsys):
     r, logdir = tiny_run
     ev = dpsom.ex.run("evaluate", config_updates={"checkpoint": str(logdir), "data_dir": data_dir, "latent_dim": 7},
@@ -191,22 +109,11 @@ def test_evaluate_command_on_another_set_and_on_the_posterior_mean(tiny_run, dat
         saved = json.load(f)
     assert saved["set"] == "test" and saved["eval_sample"] is False and saved["metrics"] == ev.result
     state = torch.load(logdir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    model = dpsom.build_model(state["config"])
+    model = training.build_model(state["config"])
     model.load_state_dict(state["model"])
     test = dpsom.load_data_or_explain({**state["config"], "validation": False, "data_dir": data_dir},
                                       max_eval_samples=300)
     x = torch.as_tensor(test["x_eval"])
-    mean, _ = dpsom.evaluate_model(model, x, test["y_eval"], 16, sample=False)
-    sample, _ = dpsom.evaluate_model(model, x, test["y_eval"], 16, sample=True)
+    mean, _ = training.evaluate_model(model, x, test["y_eval"], 16, sample=False)
+    sample, _ = training.evaluate_model(model, x, test["y_eval"], 16, sample=True)
     assert ev.result == mean and mean != sample                # the test images, encoded as the mean
-
-
-def test_projector_keeps_the_embeddings_of_an_earlier_writer(tmp_path):
-    # a resumed run opens a new writer in the same folder; add_embedding alone would drop the earlier entries
-    for step, tag in [(3, "pretrain"), (9, "train")]:
-        log = dpsom.Logger(str(tmp_path), None)
-        log.embedding(tag, torch.randn(4, 2), np.arange(4), np.zeros(4), torch.rand(4, 1, 28, 28), step)
-        log.writer.close()
-    with open(tmp_path / "projector_config.pbtxt") as f:
-        projector = text_format.Parse(f.read(), ProjectorConfig())
-    assert [e.tensor_name for e in projector.embeddings] == ["pretrain:00003", "train:00009"]

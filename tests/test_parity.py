@@ -28,6 +28,7 @@ from conftest import missing  # noqa: E402
 from decay_scheduler import decayed_lr, set_lr  # noqa: E402
 from dpsom_model import DPSOM, from_tf_layout, load_tf_arrays, tf_variables, to_tf_layout  # noqa: E402
 from tf1_adam import TF1Adam  # noqa: E402
+import training  # noqa: E402
 
 PARITY_DIR = Path(os.environ.get("DPSOM_PARITY_DIR", "../shared/parity"))
 PARITY_DIR = PARITY_DIR if PARITY_DIR.is_absolute() else REPO / PARITY_DIR
@@ -111,7 +112,7 @@ def build_tf_original(meta: dict) -> DPSOM:
     c = {**dpsom.config(), **dpsom.tf_original(), **{k: meta["hyper"][k] for k in MODEL_KEYS},
          "convolution": meta["model"] == "conv"}
     assert c["adam"] == "tf1" and c["eval_sample"], "tf_original must select TF1 Adam and sampled evaluation"
-    return dpsom.build_model(c)
+    return training.build_model(c)
 
 
 def reference_grad(data: dict, meta: dict, loss: str, name: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ import dpsom
 import mnist_data
 from conftest import ROOT
 from test_end_to_end import TINY, run
+import training
 
 ARGS = [f"{k}={v}" for k, v in TINY.items()]   # 6 steps an epoch: pretrain 1-6, som_init 7-18, train 19-30
 
@@ -125,10 +126,10 @@ def test_a_second_signal_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path, 
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, data_dir, monkeypatch):
-    real = dpsom.phase_loss
-    monkeypatch.setattr(dpsom, "phase_loss", lambda *a: (lambda t, p: (t * float("nan"), {"elbo": t * float("nan")}))(
+    real = training.phase_loss
+    monkeypatch.setattr(training, "phase_loss", lambda *a: (lambda t, p: (t * float("nan"), {"elbo": t * float("nan")}))(
         *real(*a)))
-    with pytest.raises(dpsom.NonFiniteLoss, match="global step 1 .*no checkpoint had been written yet"):
+    with pytest.raises(training.NonFiniteLoss, match="global step 1 .*no checkpoint had been written yet"):
         run(tmp_path, data_dir)
 
 
@@ -188,7 +189,7 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path, data_dir):
 
 
 def test_resume_after_non_finite_loss(tmp_path, data_dir, monkeypatch):
-    real = dpsom.phase_loss
+    real = training.phase_loss
     poison = {"on": True}
 
     def poisoned(model, phase, x, p):
@@ -198,8 +199,8 @@ def test_resume_after_non_finite_loss(tmp_path, data_dir, monkeypatch):
             total = parts["loss"]
         return total, parts
 
-    monkeypatch.setattr(dpsom, "phase_loss", poisoned)
-    with pytest.raises(dpsom.NonFiniteLoss, match="phase som_init, epoch 0, global step 7 \\(terms: loss\\)"):
+    monkeypatch.setattr(training, "phase_loss", poisoned)
+    with pytest.raises(training.NonFiniteLoss, match="phase som_init, epoch 0, global step 7 \\(terms: loss\\)"):
         run(tmp_path, data_dir)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["phase"] == "pretrain" and ckpt["global_step"] == 6
@@ -224,68 +225,3 @@ def test_a_checkpoint_older_than_target_sample_keeps_its_targets():
         old = {k: v for k, v in now.items() if k != "target_sample"} | {"eval_sample": eval_sample}
         assert resumed_config(old, now, {"resume"})["target_sample"] is eval_sample
     assert resumed_config({**now, "target_sample": False}, now, {"resume"})["target_sample"] is False
-
-
-PROBE_START = """
-import json, torch, dpsom
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-"""   # a fresh process that reads its RSS in MB
-HEAP_PROBE = PROBE_START + """
-base = rss()
-big = torch.ones(4_000_000); del big       # a freed 16 MB mmap: glibc raises its mmap threshold above 12 MB
-bigs, keep = [], []
-for i in range(20):
-    bigs.append(torch.ones(3_000_000))     # 12 MB each, now on the heap
-    keep.append(torch.ones(65_536))        # a 256 KB survivor after each
-del bigs                                   # 240 MB of holes the survivors keep from the top of the heap
-before = rss()
-released = dpsom.release_freed_memory()
-print(json.dumps({"base": base, "before": before, "after": rss(), "released": released}))
-"""
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from Linux's /proc")
-def test_freed_heap_goes_back_to_the_system():
-    """The pattern of a long CPU run (12 MB temporaries freed between small survivors) in a fresh process:
-    glibc keeps the holes; release_freed_memory gives them back, down to the 5 MB of survivors and at most one
-    12 MB hole. A no-op would leave the 240 MB."""
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout.splitlines()[-1])
-    if not m["released"]:
-        pytest.skip("no glibc malloc_trim here")
-    if m["before"] - m["base"] < 200:
-        pytest.skip(f"this allocator kept {m['before'] - m['base']:.0f} of 240 MB freed (MALLOC_MMAP_THRESHOLD_ set?)")
-    assert m["after"] - m["base"] <= 5 + 12, m
-
-
-def test_every_epoch_ends_by_releasing_freed_memory(tmp_path, data_dir, monkeypatch):
-    calls = []
-    real = dpsom.release_freed_memory
-    monkeypatch.setattr(dpsom, "release_freed_memory", lambda: calls.append(1) or real())
-    run(tmp_path, data_dir)
-    assert len(calls) == 1 + 2 + 2   # TINY: 1 pretraining, 2 SOM-initialisation and 2 joint epochs
-
-
-TARGET_PASS_PROBE = PROBE_START + """
-torch.manual_seed(0)
-model = dpsom.build_model(dpsom.config(fixed={}))   # the default dense model, full-covariance posterior
-x = torch.rand(51000, 784)                          # MNIST's training split, in shape
-before = rss()
-p = dpsom.target_distribution(model, x, 300, True)
-print(json.dumps({"grown": rss() - before, "rows": float(p.sum())}))
-"""
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from Linux's /proc")
-def test_the_target_pass_at_full_size_keeps_no_freed_batches():
-    """One target pass of the default model over 51,000 images grows the RSS by what it returns (z, distances,
-    q and p: 60 MB) and one batch's temporaries (the 12 MB full-covariance tensors: under 100 MB), not by its
-    170 batches' leftovers: with per-batch results kept between the freed temporaries it grew 1.7 GB."""
-    out = subprocess.run([sys.executable, "-c", TARGET_PASS_PROBE], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    m = json.loads(out.stdout.splitlines()[-1])
-    assert abs(m["rows"] - 51000) < 1                 # a distribution per image
-    assert m["grown"] < 60 + 100 + 100, m              # a further 100 MB for the allocator's and torch's pools

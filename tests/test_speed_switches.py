@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dpsom
 from dpsom_model import DPSOM
 from mnist_data import load_data
+import training
 
 PHASES = ("pretrain", "som_init", "train")
 DEVICE = torch.device(os.environ.get("DPSOM_TEST_DEVICE", "cpu"))
@@ -32,7 +33,7 @@ def make(convolution: bool, named: tuple = ()) -> DPSOM:
     torch.manual_seed(0)
     config = dpsom.ex.run("print_config", config_updates={"convolution": convolution}, named_configs=named,
                           options={"--loglevel": "ERROR"}).config if named else dpsom.config(fixed={"convolution": convolution})
-    return dpsom.build_model({**config, "latent_dim": 16}).to(DEVICE)
+    return training.build_model({**config, "latent_dim": 16}).to(DEVICE)
 
 
 def losses_and_grads(model: DPSOM, loss_fn, phase: str, x: torch.Tensor, p: torch.Tensor):
@@ -65,9 +66,9 @@ def amp_mismatches(model: DPSOM, x: torch.Tensor, p: torch.Tensor) -> list:
     bad = []
     for phase in PHASES:
         model.amp = False
-        ref, ref_g = losses_and_grads(model, dpsom.phase_loss, phase, x, p)
+        ref, ref_g = losses_and_grads(model, training.phase_loss, phase, x, p)
         model.amp = True
-        got, got_g = losses_and_grads(model, dpsom.phase_loss, phase, x, p)
+        got, got_g = losses_and_grads(model, training.phase_loss, phase, x, p)
         model.amp = False
         bad += [(phase, k, ref[k], got[k]) for k in ref
                 if not relative(ref[k], got[k]) <= (2e-2 if k in CANCELLING else 1e-3)]
@@ -145,10 +146,10 @@ class MatmulDtypes(TorchDispatchMode):
 
 
 def test_amp_runs_the_products_in_bfloat16_and_returns_float32(batch):
-    model = dpsom.build_model({**dpsom.config(fixed={}), "latent_dim": 16, "amp": True}).to(DEVICE)   # the config key
+    model = training.build_model({**dpsom.config(fixed={}), "latent_dim": 16, "amp": True}).to(DEVICE)   # the config key
     p = target(model, batch)
     with MatmulDtypes() as products:
-        total, _ = dpsom.phase_loss(model, "train", batch, p)
+        total, _ = training.phase_loss(model, "train", batch, p)
         total.backward()
     B, F, O, K = len(batch), 2000, model.head.out_features, 64   # batch, features, head outputs, SOM nodes
     head = [(B, F, O), (B, O, F), (O, B, F)]                    # forward, input gradient, weight gradient
@@ -165,9 +166,9 @@ def test_compile_gives_the_eager_losses_and_gradients(batch, monkeypatch):
     torch._dynamo.reset()
     model = make(False, ("standard_layers",))                   # dropout on: its masks must match too
     p = target(model, batch)
-    compiled = torch.compile(dpsom.phase_loss)
+    compiled = torch.compile(training.phase_loss)
     for phase in PHASES:
-        ref, ref_g = losses_and_grads(model, dpsom.phase_loss, phase, batch, p)
+        ref, ref_g = losses_and_grads(model, training.phase_loss, phase, batch, p)
         got, got_g = losses_and_grads(model, compiled, phase, batch, p)
         for k in ref:
             assert relative(ref[k], got[k]) <= 1e-5, (phase, k, ref[k], got[k])
@@ -187,14 +188,14 @@ def test_train_uses_the_compiled_loss_and_amp(tmp_path, data_dir, monkeypatch):
         def wrapped(*args):
             calls.append(args[1])
             return fn(*args)
-        assert fn is dpsom.phase_loss
+        assert fn is training.phase_loss
         return wrapped
 
-    monkeypatch.setattr(dpsom.torch, "compile", fake_compile)
+    monkeypatch.setattr(training.torch, "compile", fake_compile)
     c = {**dpsom.config(fixed={}), "latent_dim": 10, "batch_size": 100, "epochs_pretrain": 1, "som_epochs": 1,
          "som_learning_rates": [0.5], "num_epochs": 1, "compile": True, "amp": True}
     data = load_data("MNIST", data_dir, True, max_train_samples=300, max_eval_samples=300)
-    metrics = dpsom.train(c, data, DEVICE, str(tmp_path), None)
+    metrics = training.train(c, data, DEVICE, str(tmp_path), None)
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["amp"] is True
     assert calls == ["pretrain"] * 3 + ["som_init"] * 3 + ["train"] * 3
@@ -203,10 +204,10 @@ def test_train_uses_the_compiled_loss_and_amp(tmp_path, data_dir, monkeypatch):
 def test_amp_runs_float32_where_the_cpu_has_no_bf16_arithmetic(monkeypatch, capsys):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
-    assert dpsom.amp_on({"amp": True}, cpu) is False
+    assert training.amp_on({"amp": True}, cpu) is False
     assert "no bf16 arithmetic" in capsys.readouterr().err
     for unit in ("amx_bf16", "avx512_bf16"):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {unit: True})
-        assert dpsom.amp_on({"amp": True}, cpu) is True
-    assert dpsom.amp_on({"amp": False}, cpu) is False
+        assert training.amp_on({"amp": True}, cpu) is True
+    assert training.amp_on({"amp": False}, cpu) is False
     assert capsys.readouterr().err == ""

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import dpsom
 from dpsom_model import DPSOM
+import training
 import user_data
 from user_data import Preprocessing, apply_preprocessing, as_samples, fit_preprocessing, load_user_data
 
@@ -113,17 +114,17 @@ def test_assign_gives_evaluates_bmus_with_the_stored_statistics(tmp_path):
     assert len(rows) == 200 and [int(r["bmu"]) for r in rows] == placed["bmu"].tolist()
     assert float(rows[7]["distance"]) == pytest.approx(float(placed["distance"][7]))
     state = torch.load(logdir / "checkpoint.pt", weights_only=False)
-    model = dpsom.build_model(state["config"])
+    model = training.build_model(state["config"])
     model.load_state_dict(state["model"])
     stored = Preprocessing.from_dict(state["config"]["preprocessing"])     # the training split's statistics
     train_rows = train_test_split(np.arange(len(x)), test_size=0.15, random_state=42)[0]
     np.testing.assert_allclose(stored.shift, x[train_rows].mean(0, dtype=np.float64), rtol=1e-5)
     np.testing.assert_allclose(stored.scale, x[train_rows].std(0, dtype=np.float64), rtol=1e-5)
-    dist = dpsom.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), stored)), 100, False, decode=False)
+    dist = training.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), stored)), 100, False, decode=False)
     np.testing.assert_allclose(placed["distance"], dist["dist"].min(1).values.sqrt().numpy(), rtol=1e-6)
     # the check can fail: statistics recomputed on the new file move samples to other nodes
     refit = fit_preprocessing(x_test, (20,), "standard")
-    dist = dpsom.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), refit)), 100, False, decode=False)
+    dist = training.infer(model, torch.as_tensor(apply_preprocessing(x_test.copy(), refit)), 100, False, decode=False)
     assert (dist["dist"].argmin(1).numpy() != placed["bmu"]).mean() > 0.2
 
 
