@@ -581,11 +581,11 @@ def reuse_freed_memory() -> bool:
 
     glibc maps each block over its mmap threshold (at most 32 MB) afresh and unmaps it when freed, and gives the
     heap's free top back once it exceeds 128 KB. A default dense CPU step frees blocks of 41 MB (the posterior
-    head's weight gradient) and more each step, so the next step faults every page of them in again: about
-    21,000 page faults a step, 10 % of a float32 step's time and 20 % of an amp one's. The cost: freed memory
-    stays in the RSS until the next step reuses it or the epoch's release_freed_memory returns it, and a
-    fragmented heap can hold more than the blocks alive at any moment (the default run's peak RSS, measured by
-    benchmarks/bench.py, stays under its target).
+    head's weight gradient) every step, so the next step faults every page of them in again: 19,000 page faults
+    a float32 step (15,000 amp), 170 (1,100) with this. The cost: freed memory stays in the RSS until the next
+    step reuses it or the epoch's release_freed_memory returns it, and a fragmented heap can hold more than the
+    blocks alive at any moment; the default run's peak RSS (benchmarks/bench.py --default-run yes) is measured
+    against its target with this on.
     """
     if _MALLOPT is None:
         return False
