@@ -74,7 +74,7 @@ def config():
     seed = 2020                      # the reference's seed; Sacred seeds Python, NumPy and torch from it
     more_runs = False                # repeat the whole training n_runs times with seeds seed, seed+1, ...
     n_runs = 10                      # runs when more_runs is set; mean and std are reported
-    # The training numerics are the reference's (README, Closing the purity gap: on dense MNIST they reach the
+    # The training numerics are the reference's (docs/results.md, How the default was found: on dense MNIST they reach the
     # published purity, the diagonal posterior and the standard layers do not); `standard_layers` gives the modern
     # layers. Conv keeps the diagonal posterior: unmeasured here, and a full covariance is a 12544 x 5150 head.
     posterior = "diag" if convolution else "tril"   # "tril" (the reference's full covariance) or "diag" (mu, logvar)
@@ -113,7 +113,7 @@ def conv():
 @ex.named_config
 def quick():
     # About 5 minutes on a 2-core CPU: all training images, short phases, validation split, a 32-dim latent space
-    # (seed 2020: purity 0.906, NMI 0.639; README, Measured). A joint lr of 0.002, which helped the standard
+    # (seed 2020: purity 0.906, NMI 0.639; docs/results.md, quick). A joint lr of 0.002, which helped the standard
     # layers, makes the reference's numerics diverge here within 20 steps. The diagonal posterior: the full
     # covariance overtakes it only after about 90 joint epochs (here 7 min 20 s, purity 0.884, NMI 0.615)
     validation = True
@@ -140,7 +140,7 @@ def tf_original():
 def standard_layers():
     # the port's first default: standard BatchNorm, dropout, plain logits, PyTorch's Adam, P from the posterior
     # mean, the diagonal posterior. Measured 0.03 purity below the reference's numerics on MNIST with the same
-    # posterior, 0.04 below the default (README, Closing the purity gap)
+    # posterior, 0.04 below the default (docs/results.md, How the default was found)
     posterior = "diag"
     batchnorm = "standard"
     dropout = 0.4

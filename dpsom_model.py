@@ -122,6 +122,57 @@ def tril_fill_index(n: int) -> torch.Tensor:
     return torch.where(torch.ones(n, n, dtype=torch.bool).tril(), index, torch.full_like(index, -1))
 
 
+def fill_scale_tril_indices(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FillScaleTriL's indices, from tril_fill_index: gather (n*n,), scatter (m,), diag (n,), m = n(n+1)/2.
+
+    The scale is gathered from a row of the m parameters, the n transformed diagonal entries and a zero: gather
+    is each scale entry's column in that row. scatter is the scale entry each parameter landed on (the
+    diagonal's parameters: their diagonal entry, whose gradient the softplus's replaces). diag is the
+    parameter of each diagonal entry.
+    """
+    m = n * (n + 1) // 2
+    fill = tril_fill_index(n)                                         # (n, n), -1 above the diagonal
+    diag = fill.diagonal().clone()                                    # (n,)
+    gather = torch.where(fill >= 0, fill, m + n)                      # above the diagonal: the zero
+    gather.diagonal().copy_(m + torch.arange(n))                      # on it: the transformed diagonal
+    flat = torch.arange(n * n).view(n, n)                             # (n, n) position in the flat scale
+    lower = fill >= 0
+    scatter = torch.empty(m, dtype=torch.long)
+    scatter[fill[lower]] = flat[lower]
+    return gather.flatten(), scatter, diag
+
+
+class FillScaleTriL(torch.autograd.Function):
+    """tfp's FillScaleTriL(diag_shift=1e-5): the (B, m) head outputs -> lower-triangular scales (B, n, n), with
+    softplus(x) + 1e-5 on the diagonal and zeros above it.
+
+    The same numbers as gathering the entries, masking the upper triangle and adding diag_embed of the shifted
+    softplus, forward and backward, in one gather each way: each parameter lands on exactly one entry of the
+    scale, so its gradient is that entry's, read back with a gather instead of an accumulating scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
+                diag: torch.Tensor) -> torch.Tensor:
+        B, n = t.shape[0], diag.numel()
+        # softplus and its gradient read the diagonal with a stride, as from the diagonal of a (B, n, n) tensor:
+        # ATen's exp on contiguous rows is vectorised and rounds differently from its exp element by element
+        raw_diag = t.new_empty(B, n, 2 if n > 1 else 1)[..., 0].copy_(t[:, diag])   # (B, n)
+        src = torch.cat([t, F.softplus(raw_diag) + TRIL_DIAG_SHIFT, t.new_zeros(B, 1)], 1)   # (B, m + n + 1)
+        ctx.save_for_backward(raw_diag, scatter, diag)
+        return src.index_select(1, gather).view(B, n, n)                       # (B, n, n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raw_diag, scatter, diag = ctx.saved_tensors
+        B, n = raw_diag.shape
+        g_t = grad.reshape(B, n * n).index_select(1, scatter)                  # (B, m)
+        # a diagonal parameter reaches the scale only through the softplus
+        g_diag = torch.ops.aten.softplus_backward(grad.diagonal(dim1=1, dim2=2), raw_diag, 1.0, 20.0)   # (B, n)
+        g_t.index_copy_(1, diag, g_diag)
+        return g_t, None, None, None
+
+
 def grid_neighbours(som_dim: tuple[int, int], toroidal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of [up (r+1), down (r-1), right (c+1), left (c-1)] of every node, and which exist.
 
@@ -215,7 +266,10 @@ class DPSOM(nn.Module):
         self.register_buffer("neighbours", neighbours, persistent=False)        # (H*W, 4)
         self.register_buffer("neighbour_mask", exists, persistent=False)        # (H*W, 4)
         if posterior == "tril":
-            self.register_buffer("tril_index", tril_fill_index(D), persistent=False)  # (D, D)
+            gather, scatter, diag = fill_scale_tril_indices(D)
+            self.register_buffer("tril_gather", gather, persistent=False)    # (D*D,)
+            self.register_buffer("tril_scatter", scatter, persistent=False)  # (D(D+1)/2,)
+            self.register_buffer("tril_diag", diag, persistent=False)        # (D,)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.xavier_uniform_(m.weight)   # Glorot-uniform kernels, zero biases, as Keras
@@ -240,10 +294,7 @@ class DPSOM(nn.Module):
         loc = o[:, :D]                                                 # (B, D)
         if self.posterior == "diag":
             return loc, o[:, D:]                                       # (B, D) logvar
-        raw = o[:, D:][:, self.tril_index.clamp(min=0)]                # (B, D, D)
-        raw = raw * (self.tril_index >= 0)                             # zero above the diagonal
-        diag = F.softplus(torch.diagonal(raw, dim1=1, dim2=2)) + TRIL_DIAG_SHIFT
-        return loc, raw.tril(-1) + torch.diag_embed(diag)
+        return loc, FillScaleTriL.apply(o[:, D:], self.tril_gather, self.tril_scatter, self.tril_diag)   # (B, D, D)
 
     def sample(self, loc: torch.Tensor, scale: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z = loc + sigma * eps (diag) or loc + L eps (tril); eps ~ N(0, I) unless given."""

@@ -390,6 +390,7 @@ def main() -> None:
         return child(args.child, args.data_dir, args.device)
 
     t0 = time.perf_counter()
+    training.reuse_freed_memory()   # as training.train does, for its steps' allocations
     device = dpsom.pick_device(args.device)
     cpu = device.type == "cpu"
     data = get_data(args.data_dir, args.samples)

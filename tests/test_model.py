@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpsom_model import DPSOM, grid_neighbours, tril_fill_index
+import torch.nn.functional as F
+
+from dpsom_model import TRIL_DIAG_SHIFT, DPSOM, FillScaleTriL, fill_scale_tril_indices, grid_neighbours, tril_fill_index
+from tf1_adam import CHUNK, TF1Adam
 
 
 
@@ -148,6 +151,47 @@ def test_tril_fill_order_is_tfps():
     lower = idx[torch.ones(100, 100, dtype=torch.bool).tril()]
     assert sorted(lower.tolist()) == list(range(5050))           # each parameter used exactly once
     assert (idx.triu(1) == -1).sum() == 4950 and (idx[torch.ones(100, 100, dtype=torch.bool).triu(1)] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, B", [(100, 300), (7, 5), (1, 3)])
+def test_fill_scale_tril_is_the_composed_construction_bit_for_bit(n, B, dtype):
+    """FillScaleTriL against the construction it replaced (gather, mask, tril, diag_embed of the shifted
+    softplus), forward and the gradient through the model's consumers of the scale: equal, not close."""
+    def composed(t, idx):
+        raw = t[:, idx.clamp(min=0)] * (idx >= 0)
+        return raw.tril(-1) + torch.diag_embed(F.softplus(torch.diagonal(raw, dim1=1, dim2=2)) + TRIL_DIAG_SHIFT)
+    torch.manual_seed(n)
+    t = torch.randn(B, n * (n + 1) // 2, dtype=dtype) * 5
+    t[0, :3] = 30.0                                                # softplus's linear branch
+    eps = torch.randn(B, n, dtype=dtype)
+    consumers = lambda L: ((L @ eps.unsqueeze(-1)).pow(2).sum() + torch.log(torch.diagonal(L, dim1=1, dim2=2)).sum()
+                           + (L ** 2).sum())
+    a, b = t.clone().requires_grad_(), t.clone().requires_grad_()
+    La, Lb = composed(a, tril_fill_index(n)), FillScaleTriL.apply(b, *fill_scale_tril_indices(n))
+    assert torch.equal(La, Lb)
+    assert torch.equal(torch.autograd.grad(consumers(La), a)[0], torch.autograd.grad(consumers(Lb), b)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tf1_adam_in_pieces_is_the_multi_tensor_update_bit_for_bit(dtype, monkeypatch):
+    """Parameters larger than CHUNK are updated piece by piece; with the pieces made larger than every
+    parameter, all go through the multi-tensor form. Same numbers after several steps, a gradient missing once."""
+    shapes = [(3 * CHUNK + 5,), (CHUNK + 1, 2), (CHUNK,), (3, 5)]
+    torch.manual_seed(0)
+    runs = []
+    for chunk in (CHUNK, 10 * CHUNK):
+        monkeypatch.setattr("tf1_adam.CHUNK", chunk)
+        torch.manual_seed(0)
+        ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+        opt = TF1Adam(ps, lr=1e-3)
+        for step in range(5):
+            for i, p in enumerate(ps):
+                p.grad = None if (step, i) == (2, 1) else torch.randn_like(p) * 10.0 ** (step - 2)
+            opt.param_groups[0]["lr"] = 1e-3 * 0.9 ** step
+            opt.step()
+        runs.append([p.detach() for p in ps] + [opt.state[p][k] for p in ps for k in ("m", "v")])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 
 def test_sample_uses_given_noise():
