@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from checkpoint import Interrupted, StopRequest, checkpoint_state, load_checkpoint, restore_rng, save_checkpoint
 from decay_scheduler import decayed_lr, set_lr
-from dpsom_model import DPSOM, MNIST_SHAPE, has_bf16_arithmetic
+from dpsom_model import DPSOM, MNIST_SHAPE
+from fast_ops import has_bf16_arithmetic
 from tb_logging import PICTURE_EPOCHS, Logger, log_pictures
 from tf1_adam import TF1Adam
 from utils import clustering_metrics, map_usage, quantization_error, reconstruction_errors, topographic_error

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import dpsom
 from decay_scheduler import decayed_lr
-from dpsom_model import has_bf16_arithmetic
+from fast_ops import has_bf16_arithmetic
 from mnist_data import load_data
 import training
 

@@ -7,7 +7,8 @@ import torch
 
 import torch.nn.functional as F
 
-from dpsom_model import TRIL_DIAG_SHIFT, DPSOM, FillScaleTriL, fill_scale_tril_indices, grid_neighbours, tril_fill_index
+from dpsom_model import DPSOM, grid_neighbours
+from fast_ops import TRIL_DIAG_SHIFT, FillScaleTriL, fill_scale_tril_indices, tril_fill_index
 from tf1_adam import CHUNK, TF1Adam
 
 
