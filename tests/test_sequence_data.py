@@ -50,6 +50,22 @@ def test_the_three_readers_give_the_same_stays(files):
     assert npy["y_train"] is None and npy["label_names"] is None
 
 
+def test_hdf5_names_stored_or_defaulted(tmp_path):
+    x, y = stays()
+    with h5py.File(tmp_path / "named.h5", "w") as h:                  # h5py stores str arrays as bytes
+        h.create_dataset("x", data=x)
+        h.create_dataset("y", data=y[..., 0])                           # (N, T): one label column
+        h.create_dataset("label_names", data=np.array([b"activity"]))
+        h.create_dataset("feature_names", data=np.array([b"ax", b"ay", b"az"]))
+    with h5py.File(tmp_path / "plain.h5", "w") as h:
+        h.create_dataset("x", data=x)
+        h.create_dataset("y", data=y)
+    named, plain = load(tmp_path / "named.h5", normalize="standard"), load(tmp_path / "plain.h5")
+    assert named["label_names"] == ["activity"] and named["y_train"].shape == (13, T, 1)
+    assert named["preprocessing"].feature_names == ["ax", "ay", "az"]
+    assert plain["label_names"] == ["label_0", "label_1"]                  # not 12 columns: not the eICU file
+
+
 @pytest.mark.parametrize("n", [N, 23, 3])
 @pytest.mark.parametrize("validation", [True, False])
 def test_split_is_get_datas(tmp_path, n, validation):
