@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_ops import BF16Linear, FillScaleTriL, fill_scale_tril_indices
+from som import SOMMixin, grid_neighbours  # noqa: F401  (grid_neighbours: also imported from here)
 
-Q_EPS = 1e-7             # added to the Student's t kernel before normalising (Keras' epsilon() in the reference)
 TF_BN_EPS = 1e-3         # Keras BatchNormalization's default epsilon
 LEAKY_SLOPE = 0.2        # tf.nn.leaky_relu's default slope
 MNIST_SHAPE = (1, 28, 28)  # (C, H, W) of the default data
@@ -80,25 +80,7 @@ def check_conv_shape(shape: tuple) -> None:
                          f"model (convolution=False)")
 
 
-def grid_neighbours(som_dim: tuple[int, int], toroidal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of [up (r+1), down (r-1), right (c+1), left (c-1)] of every node, and which exist.
-
-    Node (r, c) has flat index r*W + c. On a planar grid the missing neighbours of edge nodes are masked
-    (their index is the node itself, harmless under the mask).
-    """
-    H, W = som_dim
-    r, c = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    r, c = r.reshape(-1), c.reshape(-1)                      # (H*W,)
-    rows = torch.stack([r + 1, r - 1, r, r], dim=1)          # (H*W, 4)
-    cols = torch.stack([c, c, c + 1, c - 1], dim=1)
-    if toroidal:
-        return (rows % H) * W + (cols % W), torch.ones(H * W, 4, dtype=torch.bool)
-    exists = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-    index = torch.where(exists, rows * W + cols, (r * W + c).unsqueeze(1))
-    return index, exists
-
-
-class DPSOM(nn.Module):
+class DPSOM(SOMMixin, nn.Module):
     """VAE encoder/decoder (dense or convolutional) plus an H x W grid of SOM prototypes in latent space.
 
     The constructor's defaults build the standard layers (BatchNorm with batch statistics, dropout, plain
@@ -167,11 +149,7 @@ class DPSOM(nn.Module):
                 nn.Linear(500, width))
         head_width = 2 * D if posterior == "diag" else D + D * (D + 1) // 2
         self.head = nn.Linear(features, head_width)
-        H, W = self.som_dim
-        self.embeddings = nn.Parameter(nn.init.trunc_normal_(torch.empty(H, W, D), std=0.05, a=-0.1, b=0.1))
-        neighbours, exists = grid_neighbours(self.som_dim, toroidal)
-        self.register_buffer("neighbours", neighbours, persistent=False)        # (H*W, 4)
-        self.register_buffer("neighbour_mask", exists, persistent=False)        # (H*W, 4)
+        self.init_som(toroidal)                                        # embeddings (H, W, D) and neighbours
         if posterior == "tril":
             gather, scatter, diag = fill_scale_tril_indices(D)
             self.register_buffer("tril_gather", gather, persistent=False)    # (D*D,)
@@ -225,24 +203,6 @@ class DPSOM(nn.Module):
         """The decoder's expected value of x: sigmoid of the logits (Bernoulli) or the means themselves."""
         return torch.sigmoid(logits) if self.likelihood == "bernoulli" else logits
 
-    # ---- SOM ------------------------------------------------------------------------------------
-    def distances(self, z: torch.Tensor) -> torch.Tensor:
-        """Squared Euclidean distance of each z to each prototype, (B, D) -> (B, H*W)."""
-        E = self.embeddings.view(-1, self.latent_dim)                  # (H*W, D)
-        # ||z||^2 - 2 z.E + ||E||^2: one (B, D) x (D, H*W) product instead of a (B, H*W, D) difference
-        return ((z ** 2).sum(1, keepdim=True) - 2 * z @ E.T + (E ** 2).sum(1)).clamp_min(0)   # (B, H*W)
-
-    def soft_assign(self, dist: torch.Tensor) -> torch.Tensor:
-        """Student's t soft assignment q with `alpha` degrees of freedom, rows summing to 1."""
-        q = Q_EPS + (1.0 + dist / self.alpha) ** (-(self.alpha + 1.0) / 2.0)   # (B, H*W)
-        return q / q.sum(dim=1, keepdim=True)
-
-    @staticmethod
-    def target_distribution(q: torch.Tensor) -> torch.Tensor:
-        """DEC target p_ij = q_ij^2 / f_j, f_j = sum_i q_ij over all rows given, then rows normalised."""
-        p = q ** 2 / q.sum(dim=0)                                      # (N, H*W)
-        return p / p.sum(dim=1, keepdim=True)
-
     def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None, sample: bool = True,
                 decode: bool = True) -> Output:
         """One pass; z is drawn once (or z = loc when sample=False) and shared by everything after."""
@@ -250,12 +210,6 @@ class DPSOM(nn.Module):
         z = self.sample(loc, scale, eps) if sample else loc
         dist = self.distances(z)
         return Output(loc, scale, z, self.decode(z) if decode else None, dist, self.soft_assign(dist))
-
-    def bmu_neighbours(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[BMU, up, down, right, left] flat indices (B, 5) and which exist (B, 5)."""
-        index = torch.cat([k.unsqueeze(1), self.neighbours[k]], dim=1)
-        exists = torch.cat([torch.ones_like(k, dtype=torch.bool).unsqueeze(1), self.neighbour_mask[k]], dim=1)
-        return index, exists
 
     # ---- loss terms -----------------------------------------------------------------------------
     def nll(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -279,29 +233,6 @@ class DPSOM(nn.Module):
         nll, kl = self.nll(x, out.logits), self.kl_prior(out.loc, out.scale)
         return nll + self.prior * kl, nll, kl
 
-    def clustering_kl(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """KL(P || Q) = mean_i sum_j p_ij log(p_ij / q_ij); p is a fixed target (no gradient)."""
-        return (p * torch.log(p / q)).sum(1).mean()
-
-    def som_loss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """-mean_i sum_j sg(q_ij) sum_{n in N(j)} log q'_in, q' from sg(z): only prototypes learn."""
-        q_ng = self.soft_assign(self.distances(z.detach()))          # reference: z_dist_flat_ng, stop_gradient(z)
-        log_q_nb = torch.log(q_ng)[:, self.neighbours] * self.neighbour_mask   # (B, H*W, 4)
-        return -(q.detach() * log_q_nb.sum(-1)).sum(1).mean()        # reference: stop_gradient(new_q)
-
-    def som_init_loss(self, z: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """Standard-SOM loss of phase 2: commitment to the BMU plus pull of the BMU's neighbourhood."""
-        z = z.detach()                                               # reference: stop_gradient(sample_z_e)
-        E = self.embeddings.view(-1, self.latent_dim)                # (H*W, D)
-        index, exists = self.bmu_neighbours(dist.argmin(dim=1))      # (B, 5): BMU k, then its neighbours
-        # E[index] would do, but its backward scatter-adds into E in a thread-dependent order on the CPU (runs
-        # would not repeat bit for bit); a product with one-hot rows selects exactly and sums in a fixed order.
-        selected = F.one_hot(index, E.shape[0]).to(E.dtype) @ E      # (B, 5, D)
-        sq = ((z.unsqueeze(1) - selected) ** 2).mean(-1)             # (B, 5)
-        commit = sq[:, 0].mean()                                     # ||z - E_k||^2 / D, mean over the batch
-        som = (sq * exists).sum() / exists.sum()                     # mean over existing neighbours
-        return commit + som
-
     def joint_loss(self, x: torch.Tensor, out: Output, p: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """theta * ELBO + gamma * KL(P||Q) + beta * SOM; returns the total and its parts for logging."""
         elbo, nll, kl = self.elbo(x, out)
@@ -309,6 +240,24 @@ class DPSOM(nn.Module):
         som = self.som_loss(out.z, out.q)
         total = self.theta * elbo + self.gamma * cah + self.beta * som
         return total, {"loss": total, "elbo": elbo, "nll": nll, "kl": kl, "cah": cah, "som": som}
+
+    # ---- the TensorFlow original's weights (load_tf_arrays) --------------------------------------
+    def tf_variables(self) -> dict[str, torch.Tensor]:
+        """The reference's variable names -> this model's tensors (see the function tf_variables)."""
+        return tf_variables(self)
+
+    def tf_mode_switches(self) -> list[str]:
+        """The constructor settings that differ from the reference's numerics; empty in tf_original mode."""
+        switches = []
+        if self.posterior != "tril":
+            switches.append("posterior='tril'")
+        if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in self.modules()):
+            switches.append("batchnorm='frozen'")
+        if any(isinstance(m, nn.Dropout) for m in self.modules()):
+            switches.append("dropout=0")
+        if not self.convolution and not self.leaky_logits:
+            switches.append("leaky_logits=True")
+        return switches
 
 
 # ---- weights of the TensorFlow original -----------------------------------------------------------
@@ -357,24 +306,18 @@ def from_tf_layout(t: torch.Tensor) -> torch.Tensor:
     return t.T if t.dim() == 2 else t.permute(3, 2, 0, 1) if t.dim() == 4 else t
 
 
-def load_tf_arrays(model: DPSOM, arrays: Mapping[str, np.ndarray]) -> None:
+def load_tf_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     """Copy the reference's variables (TF name -> array in TF layout) into a model in tf_original mode.
 
-    Every variable of tf_variables(model) must be given with its TF shape, and nothing else; the model is
-    left untouched when anything is missing, unexpected or of the wrong shape.
+    The model names its own TF variables (its tf_variables method: name -> parameter or buffer) and the settings
+    it would need to compute what the reference computes (tf_mode_switches). Every variable must be given with
+    its TF shape, and nothing else; the model is left untouched when anything is missing, unexpected or of the
+    wrong shape.
     """
-    switches = []
-    if model.posterior != "tril":
-        switches.append("posterior='tril'")
-    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
-        switches.append("batchnorm='frozen'")
-    if any(isinstance(m, nn.Dropout) for m in model.modules()):
-        switches.append("dropout=0")
-    if not model.convolution and not model.leaky_logits:
-        switches.append("leaky_logits=True")
+    switches = model.tf_mode_switches()
     if switches:
         raise ValueError(f"TF weights need a model in tf_original mode; build it with {', '.join(switches)}")
-    targets = tf_variables(model)
+    targets = model.tf_variables()
     missing, unexpected = sorted(targets.keys() - arrays.keys()), sorted(arrays.keys() - targets.keys())
     if missing or unexpected:
         raise KeyError(f"TF variables missing: {missing or 'none'}; not in this model: {unexpected or 'none'}")
