@@ -132,9 +132,13 @@ class StepStats:
         self.sum += values
         self.n += 1
 
+    def first_bad_step(self) -> int:
+        """The global step of the first non-finite loss added; -1 if none."""
+        return int(self.bad_step)
+
     def check(self, phase: str, epoch: int, ckpt_path: str) -> None:
         """Stop on a non-finite loss, naming the phase (and op), epoch, step and the terms that went bad."""
-        step = int(self.bad_step)
+        step = self.first_bad_step()
         if step >= 0:
             terms = [k for k, v in zip(self.names, self.bad_values.tolist()) if not math.isfinite(v)]
             kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
@@ -254,7 +258,8 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
             stats, lrs = {op: StepStats() for op in e.ops}, {}
             means = {op: {"loss": float("nan")} for op in e.ops}       # no steps left when it stopped after the last
             for b in range(b0, steps_per_epoch):
-                x, p = x_train[b * B:(b + 1) * B], None if p_train is None else p_train[b * B * rows:(b + 1) * B * rows]
+                x = x_train[b * B:(b + 1) * B]                                 # (B, ...): the batch's samples
+                p = None if p_train is None else p_train[b * B * rows:(b + 1) * B * rows]   # (B*rows, K)
                 for op in e.ops:
                     lrs[op] = decayed_lr(e.lr, global_step, c["decay_factor"], c["decay_steps"])
                     global_step += 1
@@ -262,8 +267,9 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
                 bar.update(1)
                 crossed = global_step // c["log_every"] > (global_step - len(e.ops)) // c["log_every"]
                 if crossed or b == steps_per_epoch - 1 or stop.signum:   # a log point among this batch's steps
-                    for op in e.ops:
+                    for op in sorted(e.ops, key=lambda op: stats[op].first_bad_step()):   # the earliest first
                         stats[op].check(names[op], epoch, ckpt_path)
+                    for op in e.ops:
                         means[op] = stats[op].pop_means()
                         log.scalars(names[op], {**means[op], "lr": lrs[op],
                                                 **monitor(model, recipe.phase_loss, op, x_mon, p_mon)}, global_step)
