@@ -26,7 +26,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def checkpoint_state(model, opt, c, global_step, plan_index, batch, phase, epoch, targets=None) -> dict:
-    """A plain dict; training continues at batch `batch` of epoch `plan_index` of epoch_plan(config).
+    """A plain dict; training continues at batch `batch` of epoch `plan_index` of the recipe's
+    plan (training.epoch_plan(config) for DPSOM).
 
     `targets` (P of the train split and of the monitoring batch) is stored only mid-epoch, where it
     cannot be recomputed from the weights.

@@ -8,8 +8,8 @@ Phases: 1 autoencoder pretraining (ELBO), 2 SOM initialisation (only the prototy
 3 joint training (ELBO + KL(P||Q) + SOM loss, target distribution P recomputed every epoch).
 
 This file is the experiment: config, named configs, data, and the commands (a training run, evaluate,
-assign). The config's checks are config_checks.py's, the loop and the evaluation training.py's, TensorBoard
-tb_logging.py's.
+assign). The config's checks are config_checks.py's, the loop plan_runner.py's, DPSOM's recipe for it and the
+evaluation training.py's, TensorBoard tb_logging.py's.
 """
 import csv
 import json
@@ -32,8 +32,8 @@ from dpsom_model import MNIST_SHAPE, check_conv_shape
 from mnist_data import DataError, load_data
 from user_data import Preprocessing, load_for_assign, load_user_data
 from tb_logging import component_planes
-from training import (LABEL_METRICS, TRANSIENT, TransientFailure, amp_on, build_model, evaluate_model, is_transient,
-                      place, train)
+from plan_runner import TRANSIENT, TransientFailure, is_transient
+from training import LABEL_METRICS, amp_on, build_model, evaluate_model, place, train
 
 ex = Experiment("dpsom")
 ex.captured_out_filter = apply_backspaces_and_linefeeds

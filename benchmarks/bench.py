@@ -7,7 +7,7 @@ For the dense and the conv model: samples/s of each phase's optimiser step (pret
 of the target-distribution pass over the train split and of evaluation. Each is also a ratio to a bare
 step of the same networks (forward + backward + Adam on a plain BCE: no SOM, no logging) timed right
 beside it: on a shared machine the seconds drift by several times, ratios of adjacent timings much less.
-A phase step is what training.train does per batch (learning rate, train_step, StepStats.add) without the
+A phase step is what plan_runner.run_plan does per batch (learning rate, train_step, StepStats.add) without the
 branch taken every log_every steps. The target-distribution pass is reported as a share of one joint
 epoch, evaluation as its time per sample over a bare step's. Peak memory per model is this process's
 (both networks, the data). A child runs one joint epoch of training.train at full size for a default dense
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import dpsom
+import plan_runner
 from decay_scheduler import decayed_lr
 from fast_ops import has_bf16_arithmetic
 from mnist_data import load_data
@@ -95,10 +96,10 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
     bare = training.build_model(c).to(device).train()
     bare_opt = torch.optim.Adam(bare.parameters(), lr=c["learning_rate"])
     model = training.build_model(c).to(device).train()
-    opt = training.make_optimizer(model, c)                               # one optimiser for all phases, as train()
+    opt = plan_runner.make_optimizer(model, c)                            # one optimiser for all phases, as train()
     base_lr = {"pretrain": c["learning_rate_pretrain"], "som_init": c["som_learning_rates"][0],
                "train": c["learning_rate"]}
-    stats = {phase: training.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
+    stats = {phase: plan_runner.StepStats() for phase in PHASES.values()}   # one per phase: their parts differ
     s = {"step": 0, "bare_step": 0, "p": None}
 
     def bare_step():
@@ -111,12 +112,13 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
         bare_opt.step()
         s["bare_step"] += 1
 
-    def phase_step(phase):   # the body of training.train's step loop, without tqdm and the logging branch
+    def phase_step(phase):   # the body of run_plan's step loop, without tqdm and the logging branch
         b = s["step"] % (n_td // B)
         p = None if phase != "train" else s["p"][b * B:(b + 1) * B]
         lr = decayed_lr(base_lr[phase], s["step"], c["decay_factor"], c["decay_steps"])
         s["step"] += 1
-        stats[phase].add(training.train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr), s["step"])
+        stats[phase].add(plan_runner.train_step(model, opt, phase, x_train[b * B:(b + 1) * B], p, lr, training.phase_loss),
+                          s["step"])
 
     def beside_bare(fn) -> tuple[float, float]:
         """Seconds of one call of fn, and the same in bare steps (bare timed just before and after)."""
@@ -264,15 +266,15 @@ def variant_speedups(c: dict, x_train: torch.Tensor, p: torch.Tensor, device: to
     for name, (compiled, amp) in variants.items():
         torch._dynamo.reset()
         model = training.build_model({**c, "amp": amp}).to(device).train()
-        opt = training.make_optimizer(model, c)
+        opt = plan_runner.make_optimizer(model, c)
         loss_fn = torch.compile(training.phase_loss) if compiled else training.phase_loss
-        stats, step = training.StepStats(), [0]
+        stats, step = plan_runner.StepStats(), [0]
 
         def switched():
             b = step[0] % (len(x_train) // B)
             step[0] += 1
-            stats.add(training.train_step(model, opt, "train", x_train[b * B:(b + 1) * B], p[b * B:(b + 1) * B],
-                                       c["learning_rate"], loss_fn), step[0])
+            stats.add(plan_runner.train_step(model, opt, "train", x_train[b * B:(b + 1) * B], p[b * B:(b + 1) * B],
+                                          c["learning_rate"], loss_fn), step[0])
 
         warmup = timed(switched, 2, device) * 2
         ratios, times = [], []
@@ -390,7 +392,7 @@ def main() -> None:
         return child(args.child, args.data_dir, args.device)
 
     t0 = time.perf_counter()
-    training.reuse_freed_memory()   # as training.train does, for its steps' allocations
+    plan_runner.reuse_freed_memory()   # as plan_runner.run_plan does, for its steps' allocations
     device = dpsom.pick_device(args.device)
     cpu = device.type == "cpu"
     data = get_data(args.data_dir, args.samples)

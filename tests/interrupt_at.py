@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpsom  # noqa: E402
+import plan_runner  # noqa: E402
 import training  # noqa: E402
 
 PLACES = {"target_distribution": training, "evaluate_model": training, "log_pictures": training, "save": torch}
@@ -35,7 +36,7 @@ def sigterm():
 
 
 if where == "step":
-    real_train, real_step = dpsom.train, training.train_step
+    real_train, real_step = dpsom.train, plan_runner.train_step
 
     def counting_train(c, data, device, logdir, run, resume=None, *rest):
         calls["n"] = resume["global_step"] if resume else 0
@@ -48,7 +49,7 @@ if where == "step":
             sigterm()
         return parts
 
-    dpsom.train, training.train_step = counting_train, killing_step   # where main and train look them up
+    dpsom.train, plan_runner.train_step = counting_train, killing_step   # where main and run_plan look them up
 else:
     owner = PLACES[where]
     real = getattr(owner, where)

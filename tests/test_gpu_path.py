@@ -21,6 +21,7 @@ import checkpoint
 import dpsom
 from conftest import ROOT
 from fake_gpu import SYNCS
+import plan_runner
 import training
 
 GPU = os.environ.get("DPSOM_TEST_DEVICE", "fakegpu")
@@ -105,7 +106,7 @@ def test_the_old_way_of_loading_a_checkpoint_fails_on_the_stand_in_device(tmp_pa
     # the defect: torch.load(map_location=device) put the RNG states on the GPU, and every resume crashed
     model = training.build_model({**dpsom.config(), "latent_dim": 4, "som_dim": [2, 2], "posterior": "diag"}).to(DEVICE)
     path = str(tmp_path / "c.pt")
-    checkpoint.save_checkpoint(path, checkpoint.checkpoint_state(model, training.make_optimizer(model, dpsom.config()),
+    checkpoint.save_checkpoint(path, checkpoint.checkpoint_state(model, plan_runner.make_optimizer(model, dpsom.config()),
                                                                  {}, 0, 0, 0, "pretrain", 0))
     on_device = torch.load(path, weights_only=False)["rng"]["torch"].to(DEVICE)   # where map_location=cuda put it
     with pytest.raises(TypeError, match="ByteTensor"):
@@ -120,24 +121,24 @@ def test_the_old_way_of_loading_a_checkpoint_fails_on_the_stand_in_device(tmp_pa
 def test_training_steps_make_no_host_sync(tmp_path, adam):
     c = {**dpsom.config(), "latent_dim": 8, "som_dim": [3, 3], "adam": adam}
     model = training.build_model(c).to(DEVICE)
-    opt = training.make_optimizer(model, c)
+    opt = plan_runner.make_optimizer(model, c)
     x = torch.rand(20, 784, device=DEVICE)
     p = torch.softmax(torch.randn(20, 9), 1).to(DEVICE)
-    training.train_step(model, opt, "pretrain", x, None, 1e-3)             # optimiser state made
+    plan_runner.train_step(model, opt, "pretrain", x, None, 1e-3, training.phase_loss)             # optimiser state made
     path = str(tmp_path / "c.pt")                                       # the state through a checkpoint, as a resume
     checkpoint.save_checkpoint(path, checkpoint.checkpoint_state(model, opt, c, 1, 0, 0, "pretrain", 0))
-    opt = training.make_optimizer(model, c)
+    opt = plan_runner.make_optimizer(model, c)
     opt.load_state_dict(checkpoint.load_checkpoint(path)["optimizer"])
-    stats = {phase: training.StepStats() for phase in ("pretrain", "som_init", "train")}   # as between log points
+    stats = {phase: plan_runner.StepStats() for phase in ("pretrain", "som_init", "train")}   # as between log points
     with no_host_sync():
         for step, (phase, target) in enumerate([("pretrain", None), ("som_init", None), ("train", p)] * 2):
-            stats[phase].add(training.train_step(model, opt, phase, x, target, 1e-3), step)
+            stats[phase].add(plan_runner.train_step(model, opt, phase, x, target, 1e-3, training.phase_loss), step)
     if adam == "torch":   # the check can fail: Adam's step count on the device costs syncs every step
         for s in opt.state.values():
             s["step"] = s["step"].to(DEVICE)
         with pytest.raises((AssertionError, RuntimeError)):
             with no_host_sync():
-                training.train_step(model, opt, "train", x, p, 1e-3)
+                plan_runner.train_step(model, opt, "train", x, p, 1e-3, training.phase_loss)
 
 
 # ---- the entry points on the stand-in device -------------------------------------------------------------
@@ -211,12 +212,12 @@ def test_device_names_are_checked_before_anything_runs():
 
 
 def test_device_failures_that_pass_are_transient():
-    assert training.is_transient(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert training.is_transient(RuntimeError("CUDA error: out of memory"))              # context creation
-    assert training.is_transient(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert training.is_transient(OSError(28, "No space left on device"))
-    assert not training.is_transient(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
-    assert not training.is_transient(ValueError("out of memory"))
+    assert plan_runner.is_transient(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert plan_runner.is_transient(RuntimeError("CUDA error: out of memory"))              # context creation
+    assert plan_runner.is_transient(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert plan_runner.is_transient(OSError(28, "No space left on device"))
+    assert not plan_runner.is_transient(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not plan_runner.is_transient(ValueError("out of memory"))
 
 
 @stand_in_only

@@ -12,6 +12,7 @@ import torch
 import checkpoint
 import dpsom
 import mnist_data
+import plan_runner
 from conftest import ROOT
 from test_end_to_end import TINY, run
 import training
@@ -129,7 +130,7 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, data_dir, monke
     real = training.phase_loss
     monkeypatch.setattr(training, "phase_loss", lambda *a: (lambda t, p: (t * float("nan"), {"elbo": t * float("nan")}))(
         *real(*a)))
-    with pytest.raises(training.NonFiniteLoss, match="global step 1 .*no checkpoint had been written yet"):
+    with pytest.raises(plan_runner.NonFiniteLoss, match="global step 1 .*no checkpoint had been written yet"):
         run(tmp_path, data_dir)
 
 
@@ -200,7 +201,7 @@ def test_resume_after_non_finite_loss(tmp_path, data_dir, monkeypatch):
         return total, parts
 
     monkeypatch.setattr(training, "phase_loss", poisoned)
-    with pytest.raises(training.NonFiniteLoss, match="phase som_init, epoch 0, global step 7 \\(terms: loss\\)"):
+    with pytest.raises(plan_runner.NonFiniteLoss, match="phase som_init, epoch 0, global step 7 \\(terms: loss\\)"):
         run(tmp_path, data_dir)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["phase"] == "pretrain" and ckpt["global_step"] == 6

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT
 from dpsom_model import DPSOM
+import plan_runner
 from test_end_to_end import METRICS, TINY, cli, run
 import training
 
@@ -49,7 +50,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, mon
         return total, parts
 
     monkeypatch.setattr(training, "phase_loss", poisoned)
-    with pytest.raises(training.NonFiniteLoss, match=r"phase train, epoch 1, global step 26 \(terms: som\)"):
+    with pytest.raises(plan_runner.NonFiniteLoss, match=r"phase train, epoch 1, global step 26 \(terms: som\)"):
         run(tmp_path, data_dir, log_every=100)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["phase"] == "train" and ckpt["epoch"] == 0 and ckpt["global_step"] == 24
@@ -102,7 +103,7 @@ def test_place_names_each_samples_node_its_distance_and_q():
 
 # ---- memory ---------------------------------------------------------------------------------------
 PROBE_START = """
-import json, torch, dpsom, training
+import json, torch, dpsom, plan_runner, training
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 """   # a fresh process that reads its RSS in MB
@@ -115,7 +116,7 @@ for i in range(20):
     keep.append(torch.ones(65_536))        # a 256 KB survivor after each
 del bigs                                   # 240 MB of holes the survivors keep from the top of the heap
 before = rss()
-released = training.release_freed_memory()
+released = plan_runner.release_freed_memory()
 print(json.dumps({"base": base, "before": before, "after": rss(), "released": released}))
 """
 
@@ -137,8 +138,8 @@ def test_freed_heap_goes_back_to_the_system():
 
 def test_every_epoch_ends_by_releasing_freed_memory(tmp_path, data_dir, monkeypatch):
     calls = []
-    real = training.release_freed_memory
-    monkeypatch.setattr(training, "release_freed_memory", lambda: calls.append(1) or real())
+    real = plan_runner.release_freed_memory
+    monkeypatch.setattr(plan_runner, "release_freed_memory", lambda: calls.append(1) or real())
     run(tmp_path, data_dir)
     assert len(calls) == 1 + 2 + 2   # TINY: 1 pretraining, 2 SOM-initialisation and 2 joint epochs
 
