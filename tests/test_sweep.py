@@ -4,6 +4,7 @@ import csv
 import ipaddress
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -32,8 +33,11 @@ def ray_address():
     host = ("import sys, ray\nray.init(include_dashboard=False, log_to_driver=False)\n"
             "print(ray.get_runtime_context().gcs_address, flush=True)\nsys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", host], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    address = proc.stdout.readline().strip()
-    assert address, "the Ray host process did not start Ray"
+    started, _, _ = select.select([proc.stdout], [], [], 180)
+    address = proc.stdout.readline().strip() if started else ""
+    if not address:
+        proc.kill()
+        pytest.fail("the process meant to host Ray printed no address within 3 minutes")
     yield address
     proc.stdin.close()
     proc.wait(timeout=120)
