@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -7,6 +9,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # Set (as .ci/run does) to make missing MNIST files or golden TF outputs fail the tests instead of skipping them.
 REQUIRED = os.environ.get("DPSOM_REQUIRE_FIXTURES") == "1"
+
+
+def one_thread() -> dict:
+    """The environment of a process that runs beside others: one thread each, so that two share two cores
+    instead of four threads waiting on each other (and runs compared bit for bit need the same thread count)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class Started:
+    """A command started in the background, its output going to temporary files (a pipe could fill while the
+    test waits on another process). wait() returns what subprocess.run would have."""
+
+    def __init__(self, cmd: list[str], timeout: float = 300, **popen):
+        self.cmd, self.timeout = cmd, timeout
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=self.err, text=True, **popen)
+
+    def wait(self) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=self.timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.out.seek(0), self.err.seek(0)
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read(), self.err.read())
 
 
 def find_data_dir(environ=os.environ, root: str = ROOT) -> tuple[str | None, list[str]]:
@@ -46,3 +73,21 @@ def tiny_run(tmp_path_factory, data_dir):
               "max_eval_samples": 300, "eval_sample": True, "data_dir": data_dir, "logdir": str(folder / "run"),
               "pretrain_path": str(folder / "pre.pt")}
     return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"}), folder / "run"
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory, data_dir):
+    """One `python dpsom.py -F ... with ...` run of TINY in a fresh process, laid out as a sweep's run (OUT/sacred,
+    OUT/runs/mnist_dense_seed=1, one thread): shared by the tests of the command line (test_end_to_end), its
+    progress lines (test_training) and a sweep run's table row (test_results_table). Its CompletedProcess, OUT
+    and the run's folder."""
+    from test_end_to_end import TINY
+    out = tmp_path_factory.mktemp("cli") / "out"
+    logdir = out / "runs" / "mnist_dense_seed=1"
+    words = ["validation=True", f"max_train_samples={TINY['max_train_samples']}", "seed=1"]   # the sweep's words
+    words += [f"{k}={v}" for k, v in TINY.items() if k not in ("validation", "max_train_samples", "seed")]
+    done = subprocess.run([sys.executable, "dpsom.py", "-F", str(out / "sacred"), "with", *words,
+                           f"data_dir={data_dir}", f"logdir={logdir}"], cwd=ROOT, capture_output=True, text=True,
+                          env=one_thread(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, out, logdir

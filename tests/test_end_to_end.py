@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dpsom
-from conftest import ROOT
+from conftest import ROOT, Started, one_thread
 
 TINY = dict(max_train_samples=600, batch_size=100, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1],
             num_epochs=2, latent_dim=10, validation=True, log_every=3, max_eval_samples=1000, seed=1)
@@ -51,11 +51,19 @@ def test_three_phases_result_checkpoint_and_tensorboard(tmp_path, data_dir):
     assert acc.Scalars("eval/nmi")[-1].value == pytest.approx(r.result["nmi"], rel=1e-6)
 
 
-def test_save_and_use_saved_pretrain(tmp_path, data_dir):
-    run(tmp_path, data_dir, save_pretrain=True, num_epochs=0, logdir=str(tmp_path / "a"))
-    saved = torch.load(tmp_path / "pre.pt", weights_only=False)
+@pytest.fixture(scope="module")
+def saved_pretrain(tmp_path_factory, data_dir):
+    """The file of a run that stopped after SOM initialisation with save_pretrain=True."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    run(folder, data_dir, save_pretrain=True, num_epochs=0, logdir=str(folder / "a"))
+    return folder / "pre.pt"
+
+
+def test_save_and_use_saved_pretrain(tmp_path, data_dir, saved_pretrain):
+    saved = torch.load(saved_pretrain, weights_only=False)
     assert saved["phase"] == "som_init" and saved["global_step"] == 6 * 3
-    r = run(tmp_path, data_dir, use_saved_pretrain=True, num_epochs=1, logdir=str(tmp_path / "b"))
+    r = run(tmp_path, data_dir, use_saved_pretrain=True, num_epochs=1, logdir=str(tmp_path / "b"),
+            pretrain_path=str(saved_pretrain))
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 6 * 3 + 6                      # continued the global step
     assert "pretrain/elbo" not in tags(str(tmp_path / "b")).Tags()["scalars"]
@@ -74,40 +82,34 @@ def test_bad_config_fails_before_training(tmp_path, data_dir, key, value):
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
 
 
-def test_command_line(tmp_path, data_dir):
+def test_command_line(cli_run):
     out = subprocess.run([sys.executable, "dpsom.py", "print_config", "with", "quick", "conv"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "latent_dim = 32" in out.stdout and "convolution = True" in out.stdout and "seed = 2020" in out.stdout
-    args = [f"{k}={v!r}".replace("'", '"') if isinstance(v, str) else f"{k}={v}" for k, v in TINY.items()]
-    out = subprocess.run([sys.executable, "dpsom.py", "-F", str(tmp_path / "sacred"), "with", *args,
-                          f"data_dir={data_dir}", f"logdir={tmp_path / 'cli'}", "num_epochs=1", "som_learning_rates=[0.5]"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out, folder, _ = cli_run                                              # `-F FOLDER with` TINY's words
     assert "nmi:" in out.stdout and "purity:" in out.stdout
-    assert os.path.exists(tmp_path / "sacred" / "1" / "metrics.json")
-
-
-def cli(tmp_path, *args, timeout=300):
-    return subprocess.run([sys.executable, "dpsom.py", "-F", str(tmp_path / "sacred"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    assert os.path.exists(folder / "sacred" / "1" / "metrics.json")
 
 
 def test_setup_errors_are_one_message_without_traceback(tmp_path, data_dir):
     (tmp_path / "file").write_text("")
-    for args, says in [(["som_dim=8"], "config som_dim=8: must be two positive integers"),
-                       (["device=gpu"], "config device='gpu': not a device"),
-                       (["more_runs=false"], "config more_runs='false': must be True or False"),
-                       ([f"data_dir={tmp_path / 'file' / 'mnist'}"], "data: missing MNIST files and cannot write")]:
-        out = cli(tmp_path, "with", *args, f"logdir={tmp_path / 'run'}")
+    cases = [(["som_dim=8"], "config som_dim=8: must be two positive integers"),
+             (["device=gpu"], "config device='gpu': not a device"),
+             (["more_runs=false"], "config more_runs='false': must be True or False"),
+             ([f"data_dir={tmp_path / 'file' / 'mnist'}"], "data: missing MNIST files and cannot write")]
+    started = [Started([sys.executable, "dpsom.py", "-F", str(tmp_path / f"sacred{i}"), "with", *args,   # at once
+                        f"logdir={tmp_path / 'run'}"], cwd=ROOT, env=one_thread()) for i, (args, _) in enumerate(cases)]
+    for (args, says), process in zip(cases, started):
+        out = process.wait()
         assert out.returncode == 1 and says in out.stderr, (args, out.stderr[-1500:])
         assert "Traceback" not in out.stderr, out.stderr
 
 
-def test_saved_pretrain_of_another_model_is_refused(tmp_path, data_dir):
-    run(tmp_path, data_dir, save_pretrain=True, num_epochs=0, logdir=str(tmp_path / "a"))
+def test_saved_pretrain_of_another_model_is_refused(tmp_path, data_dir, saved_pretrain):
     with pytest.raises(dpsom.SetupError, match=r"pretrain_path=.*another model \(latent_dim: saved 10, now 12\)"):
-        run(tmp_path, data_dir, use_saved_pretrain=True, latent_dim=12, logdir=str(tmp_path / "b"))
+        run(tmp_path, data_dir, use_saved_pretrain=True, latent_dim=12, logdir=str(tmp_path / "b"),
+            pretrain_path=str(saved_pretrain))
 
 
 def test_more_runs_are_the_single_runs_of_their_seeds(tmp_path, data_dir):

@@ -9,17 +9,17 @@ GPU's evaluation is compared with the CPU's within rounding (other kernels) inst
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 import fake_gpu  # noqa: F401  (registers the stand-in device `fakegpu` in this process)
 import checkpoint
 import dpsom
-from conftest import ROOT
+from conftest import ROOT, Started, find_data_dir, one_thread
 from fake_gpu import SYNCS
 import plan_runner
 import training
@@ -36,12 +36,14 @@ TINY = dict(max_train_samples=600, batch_size=100, epochs_pretrain=1, som_epochs
 ARGS = [f"{k}={v}" for k, v in TINY.items()] + (["deterministic=True"] if REAL else [])
 
 
-def cli(tmp_path, data_dir, *words, device=GPU, stop_at=None, command=()):
-    """An entry point in a fresh process with the stand-in device installed; stop_at: SIGTERM after that step."""
+def cli(tmp_path, data_dir, *words, device=GPU, stop_at=None, command=(), wait=True):
+    """An entry point in a fresh process with the stand-in device installed; stop_at: SIGTERM after that step.
+    One thread, as every run here, so that runs started together (wait=False) share the cores."""
     script = ["tests/interrupt_at.py", f"step:{stop_at}"] if stop_at else ["dpsom.py"]
     cmd = [sys.executable, "tests/fake_gpu.py", *script, *command, "with", *words, f"data_dir={data_dir}",
            f"device={device}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    started = Started(cmd, cwd=ROOT, env=one_thread())
+    return started.wait() if wait else started
 
 
 def train_cli(tmp_path, data_dir, logdir, *extra, **kw):
@@ -146,9 +148,10 @@ def test_training_steps_make_no_host_sync(tmp_path, adam):
 def runs(tmp_path_factory, data_dir):
     """A straight run on the stand-in GPU, and runs stopped at step 22 (joint epoch 1) on it and on the CPU."""
     tmp = tmp_path_factory.mktemp("gpu")
-    outs = {"straight": train_cli(tmp, data_dir, tmp / "straight"),
-            "gpu_stopped": train_cli(tmp, data_dir, tmp / "gpu_stopped", stop_at=22),
-            "cpu_stopped": train_cli(tmp, data_dir, tmp / "cpu_stopped", device="cpu", stop_at=22)}
+    started = {"straight": train_cli(tmp, data_dir, tmp / "straight", wait=False),       # the three at once
+               "gpu_stopped": train_cli(tmp, data_dir, tmp / "gpu_stopped", stop_at=22, wait=False),
+               "cpu_stopped": train_cli(tmp, data_dir, tmp / "cpu_stopped", device="cpu", stop_at=22, wait=False)}
+    outs = {name: process.wait() for name, process in started.items()}
     for name, out in outs.items():
         assert out.returncode == (0 if name == "straight" else 130), (name, out.stderr[-3000:])
     return tmp, outs
@@ -238,23 +241,47 @@ def test_rng_states_of_older_checkpoints_restore_onto_the_device_that_trained():
 
 # ---- benchmarks/gpu_check.sh, rehearsed on the CPU ---------------------------------------------------------
 STAGES = ("env", "switches", "gpu_path", "bench", "dense_run", "sweep_pack", "dense_amp")
+REHEARSAL = "test_gpu_check_rehearses_every_stage_on_the_cpu_and_reruns_in_its_folder"
+
+
+def rehearse(out, data_dir: str) -> Started:
+    """`GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh OUT` in a session of its own, one thread a process."""
+    env = {**one_thread(), "GPU_CHECK_DEVICE": "cpu", "DPSOM_DATA_DIR": data_dir, "PYTHON": sys.executable,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    return Started(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=900, cwd=ROOT, env=env,
+                   start_new_session=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def rehearsal(request, tmp_path_factory):
+    """The rehearsal's first call, started with this module's first test when the rehearsal's test is to run:
+    its minute on one core goes beside the module's other tests (one core a run) instead of after them."""
+    data_dir, _ = find_data_dir()
+    if REAL or data_dir is None or not any(item.name == REHEARSAL for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("gpu_check") / "check"
+    first = rehearse(out, data_dir)
+    yield out, first
+    if first.proc.poll() is None:   # its test never waited for it (the session stopped early): stop its stages
+        for p in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.getsid(p.pid) == first.proc.pid:
+                    p.terminate()
+        first.wait()
 
 
 @stand_in_only
-def test_gpu_check_rehearses_every_stage_on_the_cpu_and_reruns_in_its_folder(tmp_path, data_dir):
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "DPSOM_DATA_DIR": data_dir, "PYTHON": sys.executable,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    out = tmp_path / "check"
-    check = lambda: subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env,
-                                   capture_output=True, text=True, timeout=900)
-    first = check()
+def test_gpu_check_rehearses_every_stage_on_the_cpu_and_reruns_in_its_folder(rehearsal, tmp_path, data_dir):
+    out, first = rehearsal or (tmp_path / "check", rehearse(tmp_path / "check", data_dir))
+    first = first.wait()
     summary = (out / "summary.txt").read_text()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
     for stage in STAGES:
         assert f"stage {stage}: exit 0" in summary, (stage, summary)
     assert "2 run(s) on one CPU" in summary and "2 of 2 completed" in summary
     assert summary.count("nmi: ") == 2                               # both full runs' numbers
-    again = check()                                                  # the same folder: every stage done already
+    again = rehearse(out, data_dir).wait()                           # the same folder: every stage done already
     assert again.returncode == 0
     lines = (out / "summary.txt").read_text()[len(summary):]
     assert all(f"stage {stage}: done in an earlier call" in lines for stage in STAGES), lines

@@ -13,15 +13,10 @@ sys.path.insert(0, os.path.join(ROOT, "results"))
 import results_table  # noqa: E402
 
 
-def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, data_dir):
+def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli_run):
     # what `sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 with ...` leaves for one run
-    out, logdir = tmp_path / "out", tmp_path / "out" / "runs" / "mnist_dense_seed=1"
+    _, out, logdir = cli_run
     words = ["validation=True", f"max_train_samples={TINY['max_train_samples']}", "seed=1"]
-    tiny = [f"{k}={v}" for k, v in TINY.items() if k not in ("validation", "max_train_samples", "seed")]
-    done = subprocess.run([sys.executable, "dpsom.py", "-F", str(out / "sacred"), "with", *words, *tiny,
-                           f"data_dir={data_dir}", f"logdir={logdir}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
     (logdir / "sweep.json").write_text(json.dumps({"words": words, "device": "cpu"}))
     (logdir / "attempts.json").write_text(json.dumps([{"seconds": 1800.0}, {"seconds": 5400.0}]))
     csv_path = tmp_path / "table.csv"

@@ -4,6 +4,7 @@ import csv
 import ipaddress
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, Started, one_thread
 from test_end_to_end import TINY
 
 # Ray started by the tests listens on 127.0.0.1 only and writes no token file (never set by sweep.py itself:
@@ -22,6 +23,24 @@ from test_end_to_end import TINY
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 os.environ.update(RAY_ENV)
 WORDS = [f"{k}={v}".replace(" ", "") for k, v in TINY.items() if k != "seed"]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray for the sweeps whose test is not about starting one (sweep.py --address joins it): a start
+    costs seconds. Its own process owns it, apart from the Ray that a test starts in this one; closing its
+    stdin shuts it down."""
+    host = ("import sys, ray\nray.init(include_dashboard=False, log_to_driver=False)\n"
+            "print(ray.get_runtime_context().gcs_address, flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", host], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    started, _, _ = select.select([proc.stdout], [], [], 180)
+    address = proc.stdout.readline().strip() if started else ""
+    if not address:
+        proc.kill()
+        pytest.fail("the process meant to host Ray printed no address within 3 minutes")
+    yield address
+    proc.stdin.close()
+    proc.wait(timeout=120)
 
 
 def sweep(out, *args, data_dir, timeout=600, wait=True, extra=()):
@@ -36,9 +55,10 @@ def sacred_runs(out):
     return {d: json.load(open(folder / d / "run.json")) for d in os.listdir(folder) if d.isdigit()}
 
 
-def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, data_dir):
+def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, data_dir, ray_address):
     out = tmp_path / "sweep"
-    done = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir)
+    grid = ("--grid", "alpha=5,10", "--seeds", "2", "--address", ray_address)
+    done = sweep(out, *grid, data_dir=data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = sacred_runs(out)
     assert len(runs) == 4 and {r["status"] for r in runs.values()} == {"COMPLETED"}
@@ -55,27 +75,32 @@ def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, da
         assert float(entry["purity_mean"]) == pytest.approx(np.mean(values), rel=1e-12)
         assert float(entry["purity_std"]) == pytest.approx(np.std(values), rel=1e-12)
         assert f"{np.mean(values):.4f} ± {np.std(values):.4f}" in done.stdout  # the summary is printed
-    again = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir)
+    again = sweep(out, *grid, data_dir=data_dir)
     assert again.returncode == 0 and len(sacred_runs(out)) == 4               # finished runs are skipped
     kept = list(csv.DictReader(open(out / "results.csv")))                    # with the time they took
     assert [(r["wall_s"], r["attempts"]) for r in kept] == [(r["wall_s"], "1") for r in rows]
-    other = sweep(out, "--grid", "alpha=5,10", "--seeds", "2", data_dir=data_dir, extra=["gamma=10"])
+    other = sweep(out, *grid, data_dir=data_dir, extra=["gamma=10"])
     assert other.returncode == 1 and "4 of the 4 runs exist" in other.stderr and "gamma=10" in other.stderr
     assert len(sacred_runs(out)) == 4 and list(csv.DictReader(open(out / "results.csv"))) == kept   # untouched
 
 
-def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir):
+def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir, ray_address):
     out = tmp_path / "sweep"
-    done = sweep(out, "--grid", "gamma=-1", "--retries", "3", data_dir=data_dir)
+    done = sweep(out, "--grid", "gamma=-1", "--retries", "3", "--address", ray_address, data_dir=data_dir)
     assert done.returncode == 1
     assert "failed: gamma=-1_seed=2020: " in done.stderr and "config gamma=-1" in done.stderr
     log = open(out / "runs" / "gamma=-1_seed=2020" / "stderr.txt").read()
     assert log.count("--- attempt") == 1
 
 
-def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, data_dir, ray_address):
     out = tmp_path / "sweep"
-    proc = sweep(out, "--seeds", "1", "--retries", "2", data_dir=data_dir, wait=False, extra=["num_epochs=10"])
+    # the uninterrupted run on the other core meanwhile, with the one thread the sweep gives its run
+    straight = Started([sys.executable, "dpsom.py", "with", *WORDS, "num_epochs=10", f"data_dir={data_dir}",
+                        "seed=2020", f"logdir={tmp_path / 'straight'}", "device=cpu"], timeout=600, cwd=ROOT,
+                       env=one_thread())
+    proc = sweep(out, "--seeds", "1", "--retries", "2", "--address", ray_address, data_dir=data_dir, wait=False,
+                 extra=["num_epochs=10"])
     logdir = out / "runs" / "seed=2020"
     deadline = time.time() + 240
     first_seen = None
@@ -95,9 +120,7 @@ def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_pat
     assert [a["exit"] for a in spent] == [-signal.SIGKILL, 0] and spent[0]["seconds"] >= killed_after
     row, = csv.DictReader(open(out / "results.csv"))
     assert float(row["wall_s"]) == round(spent[0]["seconds"] + spent[1]["seconds"], 1) and row["attempts"] == "2"
-    straight = subprocess.run([sys.executable, "dpsom.py", "with", *WORDS, "num_epochs=10", f"data_dir={data_dir}",
-                               "seed=2020", f"logdir={tmp_path / 'straight'}", "device=cpu"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    straight = straight.wait()
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert json.load(open(logdir / "result.json")) == json.load(open(tmp_path / "straight" / "result.json"))
 
@@ -131,9 +154,9 @@ def test_a_request_no_node_can_meet_is_refused_instead_of_waiting_for_ever(tmp_p
     assert not list((tmp_path / "out" / "runs").iterdir())
 
 
-def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(tmp_path, data_dir):
+def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(tmp_path, data_dir, ray_address):
     out = tmp_path / "sweep"
-    args = ("--seeds", "2")
+    args = ("--seeds", "2", "--address", ray_address)
     words = [*WORDS, "num_epochs=30", f"data_dir={data_dir}"]                 # long enough to be caught running
     proc = subprocess.Popen([sys.executable, "sweep.py", str(out), *args, "with", *words], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

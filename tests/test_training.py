@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from dpsom_model import DPSOM
 import plan_runner
-from test_end_to_end import METRICS, TINY, cli, run
+from test_end_to_end import METRICS, run
 import training
 
 
@@ -57,11 +57,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, mon
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_progress_lines_without_a_terminal(tmp_path, data_dir):
-    args = [f"{k}={v}" for k, v in TINY.items()]
-    out = cli(tmp_path, "with", *args, f"data_dir={data_dir}", f"logdir={tmp_path / 'run'}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    captured = open(tmp_path / "sacred" / "1" / "cout.txt").read()       # Sacred's captured output
+def test_progress_lines_without_a_terminal(cli_run):
+    out, folder, _ = cli_run                                              # TINY through the command line
+    captured = open(folder / "sacred" / "1" / "cout.txt").read()         # Sacred's captured output
     for text in (out.stdout, captured):
         lines = [line for line in text.splitlines() if " epoch " in line and "samples/s" in line]
         assert [line.split()[:3] for line in lines] == [["pretrain", "epoch", "1/1"], ["som_init", "epoch", "1/2"],

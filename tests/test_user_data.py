@@ -61,16 +61,23 @@ def test_gaussian_clusters_reach_high_purity(tmp_path):
     assert r.result["nll"] < 20 * 0.5 * (1 + math.log(2 * math.pi))
 
 
-def test_digits_dense_with_labels_and_conv_without(tmp_path, digits):
-    dense = run(tmp_path, "dense", data_path=str(digits / "digits.npz"))
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, digits):
+    """A run on the digits' vectors and labels (digits.npz), shared by the tests that read it: its Run and folder."""
+    folder = tmp_path_factory.mktemp("digits_run")
+    return run(folder, "dense", data_path=str(digits / "digits.npz")), folder / "dense"
+
+
+def test_digits_dense_with_labels_and_conv_without(tmp_path, digits, digits_run):
+    dense, dense_dir = digits_run
     assert {"nmi", "purity", "ami", "ari"} <= set(dense.result) and 0.2 < dense.result["purity"] <= 1
-    ckpt = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(dense_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["config"]["input_shape"] == (64,) and ckpt["model"]["encoder.0.0.weight"].shape == (500, 64)
     conv = run(tmp_path, "conv", data_path=str(digits / "images.npz"), convolution=True)
     assert set(conv.result) == LABEL_FREE
     ckpt = torch.load(tmp_path / "conv" / "checkpoint.pt", weights_only=False)
     assert ckpt["config"]["input_shape"] == (1, 8, 8) and ckpt["model"]["head.weight"].shape == (16, 2 * 2 * 256)
-    vec = EventAccumulator(str(tmp_path / "dense"), size_guidance={"images": 0})
+    vec = EventAccumulator(str(dense_dir), size_guidance={"images": 0})
     img = EventAccumulator(str(tmp_path / "conv"), size_guidance={"images": 0})
     vec.Reload(), img.Reload()
     assert {"train/component_planes/feature_0", "train/majority_label", "train/hit_map"} <= set(vec.Tags()["images"])
@@ -79,8 +86,8 @@ def test_digits_dense_with_labels_and_conv_without(tmp_path, digits):
     assert "train/majority_label" not in img.Tags()["images"]             # no labels, no label pictures
 
 
-def test_csv_with_label_column_equals_npz(tmp_path, digits):
-    a = run(tmp_path, "npz", data_path=str(digits / "digits.npz"))
+def test_csv_with_label_column_equals_npz(tmp_path, digits, digits_run):
+    a, _ = digits_run
     b = run(tmp_path, "csv", data_path=str(digits / "digits.csv"), label_column="digit",
             component_planes=["p3", "p60"])
     assert a.result == b.result
