@@ -314,8 +314,8 @@ def print_summary(summary: list[dict], preset: bool) -> None:
         print(f"{'cell':<14}{'metric':<8}{'this sweep':>22}{'seed: Torch':>13}{'seed: TF':>10}")
         for e in summary:
             for i, k in enumerate(("nmi", "purity")):
-                mine = (f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})" if e[f"{k}_mean"] != ""
-                        else "no finished run")
+                mine = (f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})"
+                        if e.get(f"{k}_mean", "") != "" else "no finished run")   # absent: no run reported any
                 torch_ref, tf_ref = (t[i] for t in SEED_TABLE[e["cell"]])
                 print(f"{e['cell'] if i == 0 else '':<14}{k:<8}{mine:>22}{torch_ref:>13.4f}{tf_ref:>10.4f}")
 

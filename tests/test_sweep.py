@@ -190,6 +190,8 @@ def test_grid_values_cells_and_the_seed_table(capsys):
                           "purity_std": 0.02}], preset=True)
     printed = capsys.readouterr().out
     assert "0.9500 ± 0.0200 (n=2)" in printed and "0.9833" in printed and "0.9676" in printed   # the seed's conv numbers
+    sweep.print_summary([{"cell": "fmnist_dense", "n": 0}], preset=True)   # every run failed: no numbers at all
+    assert "no finished run" in capsys.readouterr().out
 
 
 # ---- the task's and the driver's bookkeeping, without Ray: a stand-in for dpsom.py that exits as told ----------
