@@ -1,11 +1,12 @@
-"""Many dpsom.py runs at once on Ray: a grid of settings times seeds, on this machine or a Ray cluster,
-collected into results.csv and a summary.
+"""Many dpsom.py (or tdpsom.py) runs at once on Ray: a grid of settings times seeds, on this machine or a Ray
+cluster, collected into results.csv and a summary.
 
     python sweep.py OUT --grid alpha=5,10 --seeds 3 with quick
+    python sweep.py OUT --script tdpsom.py --grid kappa=1,5 --seeds 3 with data_path=stays.npz
     python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1
     python sweep.py OUT --address HOST:6379 ...          # a running Ray cluster (or set RAY_ADDRESS)
 
-Every run is an ordinary Sacred run of dpsom.py in a process of its own. Its folder OUT/runs/<name> holds its
+Every run is an ordinary Sacred run of the experiment in a process of its own. Its folder OUT/runs/<name> holds its
 TensorBoard events, checkpoints, result.json, stdout.txt and stderr.txt; Sacred's file observer records every
 run in OUT/sacred. A run whose process dies (killed, out of memory, node lost) is retried up to --retries
 times and resumes from its checkpoint; a run that fails on its config or data is not retried. The same
@@ -32,7 +33,8 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dpsom.py")   # at this path on every node
+HERE = os.path.dirname(os.path.abspath(__file__))   # the experiments lie here, at this path on every node
+SCRIPTS = ("dpsom.py", "tdpsom.py")                  # --script: DPSOM's experiment or T-DPSOM's (same exits, result.json)
 SETUP_ERROR, INTERRUPTED = 1, 130      # dpsom.py's exit statuses: config or data error, stopped by a signal
 STOP = "stop-requested"                 # written into OUT by a stopped sweep; every run's task watches for it
 ATTEMPTS = "attempts.json"              # in a run's folder: start, seconds and exit status of each attempt
@@ -333,6 +335,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gpus-per-run", type=float, default=0, help="GPUs per run, fractions share one (0: CPU runs)")
     ap.add_argument("--retries", type=int, default=2, help="new attempts for a run whose process died")
     ap.add_argument("--address", help="a running Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    ap.add_argument("--script", choices=SCRIPTS, default="dpsom.py", help="the experiment each run is (default dpsom.py)")
     ap.add_argument("--preset", choices=["results_table"], help="the seed's table: MNIST and Fashion-MNIST, dense and conv")
     ap.add_argument("--cells", default=",".join(CELLS), help=f"cells of the preset (default all: {','.join(CELLS)})")
     args = ap.parse_args(argv)
@@ -355,6 +358,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "," not in args.seeds and (not args.seeds.isdigit() or int(args.seeds) < 1):
         ap.error(f"--seeds {args.seeds!r}: give a count of 1 or more, or a list S1,S2,...")
     bad = [c for c in args.cells.split(",") if c not in CELLS]
+    if args.preset and args.script != "dpsom.py":
+        ap.error(f"--preset {args.preset}: the seed's table is DPSOM's; leave --script out")
     if args.preset and bad:
         ap.error(f"--cells: unknown {bad}; choose from {list(CELLS)}")
     return args, words
@@ -401,7 +406,7 @@ def main(argv: list[str]) -> int:
     bar = tqdm(total=len(runs), desc="runs", unit="run")
     try:
         for r in runs:                                  # paths in the words are relative to the user's folder
-            pending[task.remote(r, out, threads, device, os.getcwd(), SCRIPT)] = r
+            pending[task.remote(r, out, threads, device, os.getcwd(), os.path.join(HERE, args.script))] = r
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2)
             for ref in ready:

@@ -84,6 +84,26 @@ def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, da
     assert len(sacred_runs(out)) == 4 and list(csv.DictReader(open(out / "results.csv"))) == kept   # untouched
 
 
+def test_t_dpsom_runs_sweep_like_dpsom_runs(tmp_path, ray_address):
+    """--script tdpsom.py: the same runs, folders and tables, with T-DPSOM's numbers per label column."""
+    from test_tdpsom_end_to_end import TINY as T_TINY, stays
+    out = tmp_path / "sweep"
+    words = [f"{k}={v}".replace(" ", "") for k, v in T_TINY.items() if k != "seed"]
+    done = subprocess.run([sys.executable, "sweep.py", str(out), "--script", "tdpsom.py", "--grid", "kappa=0,2",
+                           "--address", ray_address, "with", *words, f"data_path={stays(tmp_path / 'stays.npz')}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["kappa"] for r in rows) == ["0", "2"] and {r["status"] for r in rows} == {"done"}
+    for row in rows:
+        own = json.load(open(out / "runs" / row["name"] / "result.json"))
+        assert {k: float(row[k]) for k in own} == own and "nmi/state" in own and "pred_ze" in own
+    assert [r["experiment"]["name"] for r in sacred_runs(out).values()] == ["tdpsom"] * 2
+    refused = subprocess.run([sys.executable, "sweep.py", str(out), "--script", "tdpsom.py", "--preset",
+                              "results_table"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "the seed's table is DPSOM's" in refused.stderr
+
+
 def test_a_config_error_is_reported_once_and_not_retried(tmp_path, data_dir, ray_address):
     out = tmp_path / "sweep"
     done = sweep(out, "--grid", "gamma=-1", "--retries", "3", "--address", ray_address, data_dir=data_dir)
