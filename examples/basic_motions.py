@@ -10,16 +10,19 @@ reference split (first 85 % of the stays for training) tests on recordings never
 
     pip install aeon
     python examples/basic_motions.py motions.npz            # writes x (800, 75, 6), y (800, 75), label_names
-    python examples/basic_motions.py motions.npz --kmeans 8x8  # the baseline: k-means, k = 64, per step
+    python examples/basic_motions.py motions.npz --kmeans 8x8  # baselines: k-means (k = 64) per step, naive forecasts
 """
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # raised inside Sacred 0.8.7
+from sequence_data import split_rows  # noqa: E402
 from utils import clustering_metrics  # noqa: E402
 
 PIECES, PIECE_STEPS = 3, 25          # a session: 3 pieces of 2.5 s, each of another activity
@@ -82,12 +85,32 @@ def kmeans_baseline(path: str, som_dim: tuple[int, int]) -> dict:
     return metrics
 
 
+def forecast_baselines(path: str, steps: int = 6) -> dict:
+    """MSE of naive forecasts of the test sessions' last `steps` steps, in tdpsom.py's units (standardised with
+    the training sessions' statistics, as its default normalize="standard"), to read its pred_xhat beside:
+    persistence (the last step seen, repeated), the mean of the steps seen, and the training mean (0)."""
+    data = np.load(path)
+    x = data["x"].astype(np.float64)
+    train, test = split_rows(len(x), validation=False)
+    steps_train = x[train].reshape(-1, x.shape[2])
+    x = (x[test] - steps_train.mean(0)) / steps_train.std(0)                 # (n, T, D)
+    seen, future = x[:, :-steps], x[:, -steps:]
+    metrics = {"persistence": float(((future - seen[:, -1:]) ** 2).mean()),
+               "stay_mean": float(((future - seen.mean(1, keepdims=True)) ** 2).mean()),
+               "training_mean": float((future ** 2).mean())}
+    print(f"forecast of the last {steps} steps of {len(x)} test sessions, MSE: "
+          + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+    return metrics
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="the .npz to write (or, with --kmeans, to read)")
-    parser.add_argument("--kmeans", metavar="HxW", help="score the k-means baseline with k = H*W instead")
+    parser.add_argument("--kmeans", metavar="HxW", help="score the baselines instead: k-means with k = H*W, naive "
+                        "forecasts")
     args = parser.parse_args()
     if args.kmeans:
         kmeans_baseline(args.path, tuple(int(v) for v in args.kmeans.lower().split("x")))
+        forecast_baselines(args.path)
     else:
         build(args.path)

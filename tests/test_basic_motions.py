@@ -28,3 +28,15 @@ def test_each_session_joins_pieces_of_distinct_activities_from_their_own_recordi
 
 def test_the_split_puts_the_test_recordings_last():
     assert bm.TRAIN_SESSIONS == int(0.85 * (bm.TRAIN_SESSIONS + bm.TEST_SESSIONS))
+
+
+def test_forecast_baselines_by_hand(tmp_path):
+    """Stays of 8 steps whose one feature is its step index: after standardising with the training steps (mean 3.5,
+    std sqrt(5.25)), persistence misses the last 6 steps by 1..6 steps."""
+    x = np.tile(np.arange(8.0), (20, 1))[..., None]                 # (20, 8, 1)
+    np.savez(tmp_path / "s.npz", x=x, y=np.zeros((20, 8)))
+    got = bm.forecast_baselines(str(tmp_path / "s.npz"), steps=6)
+    var = 5.25
+    assert np.isclose(got["persistence"], np.mean(np.arange(1, 7) ** 2) / var)
+    assert np.isclose(got["stay_mean"], np.mean((np.arange(2, 8) - 0.5) ** 2) / var)
+    assert np.isclose(got["training_mean"], np.mean((np.arange(2, 8) - 3.5) ** 2) / var)
