@@ -228,7 +228,9 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
         opt.load_state_dict(state["optimizer"])
         global_step, start, first_batch = state["global_step"], state["plan_index"], state["batch"]
     if resume is None and c["use_saved_pretrain"]:                     # the rest of this plan after the pretraining
-        start = phases.index(recipe.saved_pretrain_starts) if recipe.saved_pretrain_starts in phases else len(plan)
+        kept = [i for i, e in enumerate(plan) if e.phase == recipe.save_pretrain_after]   # what the file holds
+        start = (phases.index(recipe.saved_pretrain_starts) if recipe.saved_pretrain_starts in phases
+                 else kept[-1] + 1 if kept else len(plan))   # no such phase: whatever follows the saved ones
         first_batch = 0
     if resume is not None:                                             # continue exactly where it stopped
         targets = None if resume["targets"] is None else tuple(t.to(device) for t in resume["targets"])

@@ -134,7 +134,8 @@ def quick():
 
 BOOLEAN_KEYS = ("validation", "toroidal", "val_epochs", "target_sample", "eval_sample", "compile", "save_pretrain",
                 "use_saved_pretrain")
-ARCHITECTURE_KEYS = ("input_dim", "latent_dim", "som_dim", "lstm_dim", "batchnorm", "dropout", "lstm_gates", "normalize")
+ARCHITECTURE_KEYS = ("input_dim", "latent_dim", "som_dim", "lstm_dim", "batchnorm", "dropout", "lstm_gates", "normalize",
+                     "adam")   # what a saved pretraining's weights and optimiser state were made for
 
 
 def check_config(c: dict) -> None:
@@ -176,11 +177,11 @@ def check_config(c: dict) -> None:
          "does not exist; run once with save_pretrain=True first")
 
 
-def load_data(c: dict, pre: Preprocessing | None = None) -> dict:
+def load_data(c: dict, pre: Preprocessing | None = None, training: bool = True) -> dict:
     """The split stays of c["data_path"] (sequence_data.load_sequences), normalised with `pre` (a checkpoint's) or
-    with statistics of this training split."""
-    return load_sequences(c["data_path"], c["validation"], c["normalize"], c["batch_size"], c["forecast_steps"],
-                          pre, c["train_ratio"], c["max_train_stays"], c["max_eval_stays"])
+    with statistics of this training split. Only training needs a batch's worth of training stays."""
+    return load_sequences(c["data_path"], c["validation"], c["normalize"], c["batch_size"] if training else 1,
+                          c["forecast_steps"], pre, c["train_ratio"], c["max_train_stays"], c["max_eval_stays"])
 
 
 def stored_preprocessing(c: dict) -> Preprocessing | None:
@@ -235,7 +236,7 @@ def evaluate(_config: dict, _run) -> dict:
     device, state = saved_run(_config, "to evaluate")
     chosen = {k: _config[k] for k in ("data_path", "validation", "eval_sample") if k in given_keys(_run)}
     c = {**state["config"], **chosen}
-    data = load_data(c, stored_preprocessing(c))
+    data = load_data(c, stored_preprocessing(c), training=False)
     model = saved_model(state, device)
     metrics, out = evaluate_model(model, torch.as_tensor(data["x_eval"], device=device), data["y_eval"],
                                   data["label_names"], c)
@@ -297,7 +298,9 @@ def main(_config: dict, _run) -> dict:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         except ValueError as e:
             raise SetupError(str(e)) from None
-        if resume["plan_index"] > min(finetune_start(resume["config"]), finetune_start(c)):   # a prefix of the new plan
+        started = resume["plan_index"] + (resume["batch"] > 0)        # epochs begun: a prefix of both plans
+        if c["num_epochs"] != resume["config"]["num_epochs"] and started > min(finetune_start(resume["config"]),
+                                                                                finetune_start(c)):
             raise SetupError(f"config num_epochs={c['num_epochs']!r}: the run is past joint training; its joint "
                              f"epochs cannot change now (leave num_epochs out)")
         c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))

@@ -192,6 +192,36 @@ def test_a_run_stopped_mid_joint_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert resumed.result == whole.result
 
 
+def test_resume_refuses_a_num_epochs_that_moves_the_epoch_it_stopped_in(tmp_path, done):
+    """Stopped in fine-tuning's first epoch, the run cannot gain or lose joint epochs: the stopped epoch would
+    become another phase's."""
+    from config_checks import SetupError
+    _, tmp = done
+    state = torch.load(tmp / "run" / "checkpoint.pt", weights_only=False)
+    start = 3 + 2 + 3                                                   # pretrain, som_init, joint epochs
+    state.update(plan_index=start, batch=1, phase="finetune", epoch=0)
+    (tmp_path / "mid").mkdir()
+    torch.save(state, tmp_path / "mid" / "checkpoint.pt")
+    for epochs in (2, 4):
+        with pytest.raises(SetupError, match=f"num_epochs={epochs}: the run is past joint training"):
+            tdpsom.ex.run(config_updates={"resume": str(tmp_path / "mid"), "num_epochs": epochs},
+                          options={"--loglevel": "ERROR"})
+
+
+def test_a_saved_pretraining_runs_the_rest_of_the_plan(tmp_path):
+    """use_saved_pretrain starts after SOM initialisation, also when there are no joint epochs (fine-tuning
+    follows); a saved file of another optimiser is refused by name."""
+    from config_checks import SetupError
+    pre = str(tmp_path / "pre.pt")
+    run(tmp_path, "save", num_epochs=0, epochs_finetune=0, save_pretrain=True, pretrain_path=pre)
+    saved = torch.load(pre, weights_only=False)["global_step"]
+    run(tmp_path, "use", num_epochs=0, use_saved_pretrain=True, pretrain_path=pre)
+    state = torch.load(tmp_path / "use" / "checkpoint.pt", weights_only=False)
+    assert state["phase"] == "finetune" and state["global_step"] == saved + 2 * 4   # 2 epochs of 4 batches
+    with pytest.raises(SetupError, match="adam: saved 'tf1', now 'torch'"):
+        run(tmp_path, "other", use_saved_pretrain=True, pretrain_path=pre, adam="torch")
+
+
 # ---- refusals ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config, message", [
     ({"data_path": None}, "data_path=None: give the file of stays"),
