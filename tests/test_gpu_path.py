@@ -285,3 +285,32 @@ def test_gpu_check_rehearses_every_stage_on_the_cpu_and_reruns_in_its_folder(reh
     assert again.returncode == 0
     lines = (out / "summary.txt").read_text()[len(summary):]
     assert all(f"stage {stage}: done in an earlier call" in lines for stage in STAGES), lines
+
+
+# ---- T-DPSOM on the device ------------------------------------------------------------------------------------
+def test_t_dpsom_ops_take_no_host_sync_and_a_run_evaluates_and_assigns_on_the_device(tmp_path):
+    """Every T-DPSOM op's step stays on the device; a whole run, evaluate and assign run there (a CPU tensor meeting
+    a device tensor would raise) and evaluate repeats the run's numbers."""
+    import tdpsom
+    from test_tdpsom_end_to_end import TINY as T_TINY, stays
+    from tdpsom_training import phase_loss
+    c = {**dict(tdpsom.ex.configurations[0]()), **T_TINY, "input_dim": 5}
+    torch.manual_seed(0)
+    model = tdpsom.build_model(c).to(DEVICE)
+    opt = plan_runner.make_optimizer(model, c)
+    x = torch.randn(8, 8, 5, device=DEVICE)
+    p = torch.softmax(torch.randn(64, 12, device=DEVICE), 1)
+    stats = plan_runner.StepStats()
+    for op in ("pretrain", "som_init", "joint", "prediction", "joint"):
+        with no_host_sync():
+            parts = plan_runner.train_step(model, opt, op, x, p, 1e-3, phase_loss)
+            stats.add({"loss": next(iter(parts.values()))}, 1)
+    data = stays(tmp_path / "stays.npz")
+    words = {**T_TINY, "data_path": data, "device": GPU, "logdir": str(tmp_path / "run")}
+    run = tdpsom.ex.run(config_updates=words, options={"--loglevel": "ERROR"})
+    ev = tdpsom.ex.run("evaluate", config_updates={"checkpoint": str(tmp_path / "run"), "device": GPU},
+                       options={"--loglevel": "ERROR"})
+    assert ev.result == run.result and np.isfinite(run.result["pred_ze"])
+    tdpsom.ex.run("assign", config_updates={"checkpoint": str(tmp_path / "run"), "data_path": data, "device": GPU},
+                  options={"--loglevel": "ERROR"})
+    assert np.load(tmp_path / "run" / "assignments.npz")["bmu"].shape == (48, 8)
