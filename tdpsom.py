@@ -199,11 +199,14 @@ def finetune_start(c: dict) -> int:
     return sum(e.phase != "finetune" for e in epoch_plan(c))
 
 
+def headline(metrics: dict) -> dict:
+    """The numbers without the per-step ones (those are in result.json and TensorBoard)."""
+    return {name: value for name, value in metrics.items() if "_step/" not in name}
+
+
 def report(metrics: dict) -> None:
-    """The headline numbers (the per-step ones are in result.json and TensorBoard)."""
-    for name, value in metrics.items():
-        if "_step/" not in name:
-            print(f"  {name:<34}{value:>10.4f}" if isinstance(value, float) else f"  {name:<34}{value:>10}")
+    for name, value in headline(metrics).items():
+        print(f"  {name:<34}{value:>10.4f}" if isinstance(value, float) else f"  {name:<34}{value:>10}")
 
 
 def saved_run(_config: dict, what: str) -> tuple[torch.device, dict]:
@@ -251,7 +254,7 @@ def evaluate(_config: dict, _run) -> dict:
     labels = {} if data["y_eval"] is None else {"label": data["y_eval"], "label_names": np.array(data["label_names"])}
     np.savez(stem + ".npz", bmu=out["dist"].argmin(-1), stay=data["eval_rows"], **labels)
     print(f"wrote {stem}.json and {stem}.npz")
-    return metrics
+    return headline(metrics)      # evaluation_<set>.json holds every number
 
 
 @ex.command
@@ -344,7 +347,7 @@ def main(_config: dict, _run) -> dict:
         json.dump(result, f, indent=2)
     os.replace(path + ".tmp", path)
     report(result)
-    return result
+    return headline(result)       # what Sacred prints and records; result.json holds every number
 
 
 if __name__ == "__main__":
