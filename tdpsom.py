@@ -1,7 +1,7 @@
 """Train and evaluate T-DPSOM: a Sacred experiment with four phases sharing one optimiser and one step count.
 
     python tdpsom.py with data_path=stays.npz
-    python tdpsom.py with eicu data_path=eICU_data.csv        # the reference's HDF5 file, as its script trains
+    python tdpsom.py with eicu data_path=eICU_data.csv        # the reference's HDF5 file, not normalised again
     python tdpsom.py evaluate with checkpoint=RUN
     python tdpsom.py assign with checkpoint=RUN data_path=FILE
     tensorboard --logdir runs
