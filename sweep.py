@@ -34,6 +34,7 @@ import ray
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))   # the experiments lie here, at this path on every node
+MAX_SEED_COUNT = 100                                   # --seeds N above it is refused: a seed meant as a count
 SCRIPTS = ("dpsom.py", "tdpsom.py")                  # --script: DPSOM's experiment or T-DPSOM's (same exits, result.json)
 SETUP_ERROR, INTERRUPTED = 1, 130      # dpsom.py's exit statuses: config or data error, stopped by a signal
 STOP = "stop-requested"                 # written into OUT by a stopped sweep; every run's task watches for it
@@ -357,6 +358,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                  f"give 1, or a fraction to share one GPU among runs")
     if "," not in args.seeds and (not args.seeds.isdigit() or int(args.seeds) < 1):
         ap.error(f"--seeds {args.seeds!r}: give a count of 1 or more, or a list S1,S2,...")
+    if "," not in args.seeds and int(args.seeds) > MAX_SEED_COUNT:   # a seed typed where the count goes
+        ap.error(f"--seeds {args.seeds}: a single number is a count of seeds, and {args.seeds} runs per setting is "
+                 f"more than {MAX_SEED_COUNT}; for the one seed {args.seeds} write --seeds {args.seeds}, (a list), "
+                 f"for many seeds list them")
     bad = [c for c in args.cells.split(",") if c not in CELLS]
     if args.preset and args.script != "dpsom.py":
         ap.error(f"--preset {args.preset}: the seed's table is DPSOM's; leave --script out")

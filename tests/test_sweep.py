@@ -313,7 +313,8 @@ def test_one_sweep_at_a_time_on_a_folder_and_options_it_cannot_honour(tmp_path, 
         with pytest.raises(SystemExit, match="another sweep is running on"):
             sweep.main([str(out), "--seeds", "1", "with", "quick"])
     for argv, told in ((["--grid", "seed=1,2"], "seeds go in --seeds"), (["with", "device=cuda"], "--gpus-per-run"),
-                       (["--seeds", "0"], "1 or more"), (["--retries", "-1"], "0 or more"),
+                       (["--seeds", "0"], "1 or more"), (["--seeds", "2020"], "write --seeds 2020,"),
+                       (["--retries", "-1"], "0 or more"),
                        (["--cpus-per-run", "0.5"], "at least 1"), (["--gpus-per-run", "2"], "one GPU")):
         with pytest.raises(SystemExit):
             sweep.parse([str(out), *argv])
