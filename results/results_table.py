@@ -107,13 +107,20 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> dict:
                        f"{cpus}{gpu}" + (f" with {' '.join(extra)}" if extra else "")}
 
 
-def collect(outs: list[str], path: str = CSV, threads: int | None = None) -> list[dict]:
-    """Add every finished run of the sweep folders to the CSV; returns the rows added or replaced."""
+def collect(outs: list[str], path: str = CSV, threads: int | None = None, changed: bool = False) -> list[dict]:
+    """Add every finished run of the sweep folders to the CSV; returns the rows added or replaced.
+
+    Only runs of the default go in: a run given words beyond its cell's (`with amp=True`, a shorter schedule) is
+    left out, saying so, unless `changed` (for tests of this script on short runs)."""
     rows, new = read_csv(path), []
     for out in outs:
         for logdir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
             if os.path.exists(os.path.join(logdir, "result.json")):
-                new.append(run_row(out, logdir, threads))
+                row = run_row(out, logdir, threads)
+                if " with " in row["command"] and not changed:
+                    print(f"left out {logdir}: not the default ({row['command'].split(' with ', 1)[1]})")
+                    continue
+                new.append(row)
     keys = {tuple(r[k] for k in KEY) for r in new}
     write_csv([r for r in rows if tuple(r[k] for k in KEY) not in keys] + new, path)
     return new

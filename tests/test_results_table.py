@@ -20,7 +20,9 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     (logdir / "sweep.json").write_text(json.dumps({"words": words, "device": "cpu"}))
     (logdir / "attempts.json").write_text(json.dumps([{"seconds": 1800.0}, {"seconds": 5400.0}]))
     csv_path = tmp_path / "table.csv"
-    rows = results_table.collect([str(out)], path=str(csv_path))
+    assert results_table.collect([str(out)], path=str(csv_path)) == []   # a short run is not the default's
+    assert not csv_path.exists() or results_table.read_csv(str(csv_path)) == []
+    rows = results_table.collect([str(out)], path=str(csv_path), changed=True)
     result = json.load(open(logdir / "result.json"))
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     row = rows[0]
@@ -31,7 +33,7 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert row["commit"].split("-")[0] == head.stdout.strip()
     assert row["command"] == ("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 "
                               f"--cpus-per-run 1 with max_train_samples={TINY['max_train_samples']}")
-    results_table.collect([str(out)], path=str(csv_path))           # again: replaced, not added
+    results_table.collect([str(out)], path=str(csv_path), changed=True)   # again: replaced, not added
     assert len(results_table.read_csv(str(csv_path))) == 1
 
 
