@@ -80,8 +80,9 @@ def commit_of(records: list[dict]) -> str:
     return "..".join([commits[0], commits[-1]] if len(commits) > 1 else commits) or "unknown"
 
 
-def run_row(out: str, logdir: str, threads: int | None = None) -> dict:
-    """The CSV row of one finished run of a results_table sweep; threads: where the run's record lacks them."""
+def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, list[str]]:
+    """The CSV row of one finished run of a results_table sweep, and the words it was given beyond its cell's
+    (none for a run of the default); threads: where the run's record lacks them."""
     with open(os.path.join(logdir, "sweep.json")) as f:
         identity = json.load(f)
     with open(os.path.join(logdir, "result.json")) as f:
@@ -97,7 +98,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> dict:
     extra = [w for w in words if w not in CELLS[cell] and not w.startswith("seed=")]
     gpu = "" if identity["device"] == "cpu" else " --gpus-per-run 1"
     cpus = f" --cpus-per-run {threads}" if identity["device"] == "cpu" and threads.isdigit() else ""
-    return {"cell": cell, "seed": word(words, "seed"), "nmi": f"{result['nmi']:.4f}",
+    row = {"cell": cell, "seed": word(words, "seed"), "nmi": f"{result['nmi']:.4f}",
             "purity": f"{result['purity']:.4f}", "ami": f"{result['ami']:.4f}",
             "split": "validation" if word(words, "validation", "False") == "True" else "test",
             "encoding": "sample" if word(words, "eval_sample", "False") == "True" else "mean",
@@ -105,6 +106,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> dict:
             "commit": commit_of(records),
             "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')}"
                        f"{cpus}{gpu}" + (f" with {' '.join(extra)}" if extra else "")}
+    return row, extra
 
 
 def collect(outs: list[str], path: str = CSV, threads: int | None = None, changed: bool = False) -> list[dict]:
@@ -116,9 +118,9 @@ def collect(outs: list[str], path: str = CSV, threads: int | None = None, change
     for out in outs:
         for logdir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
             if os.path.exists(os.path.join(logdir, "result.json")):
-                row = run_row(out, logdir, threads)
-                if " with " in row["command"] and not changed:
-                    print(f"left out {logdir}: not the default ({row['command'].split(' with ', 1)[1]})")
+                row, extra = run_row(out, logdir, threads)
+                if extra and not changed:
+                    print(f"left out {logdir}: not the default ({' '.join(extra)})")
                     continue
                 new.append(row)
     keys = {tuple(r[k] for k in KEY) for r in new}
