@@ -159,6 +159,11 @@ class DPSOM(SOMMixin, nn.Module):
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.xavier_uniform_(m.weight)   # Glorot-uniform kernels, zero biases, as Keras
                 nn.init.zeros_(m.bias)
+        if convolution:
+            # NHWC kernels (channels_last): a CPU's oneDNN runs these layers' products, pooling and upsampling
+            # faster in it (docs/speed.md), and the encoder's output and decoder's input are read in TF's
+            # H, W, C order anyway. Each product sums in another order than NCHW's: same maths, other rounding.
+            self.to(memory_format=torch.channels_last)
 
     # ---- networks -------------------------------------------------------------------------------
     def _autocast(self, device: torch.device):

@@ -1,4 +1,5 @@
 """Loss terms against values computed by hand (explicit loops), invariants and gradient routing."""
+import copy
 import math
 
 import numpy as np
@@ -266,6 +267,39 @@ def test_gradient_routing(convolution):
     assert g["embeddings"] and not any(g[n] for n in names if n != "embeddings")
     g = grads_of(m.joint_loss(x, out, p)[0], m)
     assert all(g.values())
+
+
+def test_conv_layers_run_channels_last_with_the_nchw_model_s_numbers():
+    """The conv model keeps its kernels and every conv's input and output NHWC (channels_last, the fast layout on
+    a CPU); the same weights in NCHW give the same posterior, logits and gradients up to float64 rounding."""
+    torch.manual_seed(0)
+    m = DPSOM(latent_dim=4, som_dim=(2, 2), convolution=True).eval()
+    nchw = copy.deepcopy(m).to(memory_format=torch.contiguous_format)
+    convs = [c for c in m.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(convs) == 8 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    nchw_convs = [c for c in nchw.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert sum(not c.weight.is_contiguous(memory_format=torch.channels_last) for c in nchw_convs) == 7   # all but 32x1x3x3
+    seen = []
+    for c in convs:
+        c.register_forward_hook(lambda mod, inp, out: seen.append(
+            inp[0].is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(6, 784)
+    outs = []
+    for model in (m, nchw):
+        loc, logvar = model.encode(x)
+        logits = model.decode(loc + logvar)
+        model.zero_grad()
+        (logits.square().mean() + loc.sum()).backward()
+        outs.append([loc, logvar, logits] + [p.grad for p in model.parameters()])
+    assert seen == [True] * 8
+    # sums of at most 256 * 9 products taken in another order, through 8 layers: float64 rounding, far below 1e-9
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the check sees a layout mistake: the encoder's output read in C, H, W order instead of TF's H, W, C
+    with torch.no_grad():
+        h = m.encoder(x.view(-1, 1, 28, 28) - 0.5)
+        wrong = m.head(h.flatten(1))[:, :4]
+    assert (wrong - outs[1][0]).abs().max() > 1e-3
 
 
 def test_frozen_batchnorm_is_the_tf_affine_map():
