@@ -272,17 +272,17 @@ def test_gradient_routing(convolution):
 def test_conv_layers_run_channels_last_with_the_nchw_model_s_numbers():
     """The conv model keeps its kernels and every conv's input and output NHWC (channels_last, the fast layout on
     a CPU); the same weights in NCHW give the same posterior, logits and gradients up to float64 rounding."""
+    convs_of = lambda model: [c for c in model.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    nhwc = lambda t: t.is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     m = DPSOM(latent_dim=4, som_dim=(2, 2), convolution=True).eval()
     nchw = copy.deepcopy(m).to(memory_format=torch.contiguous_format)
-    convs = [c for c in m.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    assert len(convs) == 8 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    nchw_convs = [c for c in nchw.modules() if isinstance(c, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    assert sum(not c.weight.is_contiguous(memory_format=torch.channels_last) for c in nchw_convs) == 7   # all but 32x1x3x3
+    convs = convs_of(m)
+    assert len(convs) == 8 and all(nhwc(c.weight) for c in convs)
+    assert sum(not nhwc(c.weight) for c in convs_of(nchw)) == 7     # all but 32x1x3x3, which is both layouts
     seen = []
     for c in convs:
-        c.register_forward_hook(lambda mod, inp, out: seen.append(
-            inp[0].is_contiguous(memory_format=torch.channels_last) and out.is_contiguous(memory_format=torch.channels_last)))
+        c.register_forward_hook(lambda mod, inp, out: seen.append(nhwc(inp[0]) and nhwc(out)))
     x = torch.rand(6, 784)
     outs = []
     for model in (m, nchw):
