@@ -14,7 +14,6 @@ evaluation training.py's, TensorBoard tb_logging.py's.
 import csv
 import json
 import os
-import sys
 import uuid
 import warnings
 from datetime import datetime
@@ -26,13 +25,13 @@ from sacred import Experiment  # noqa: E402
 from sacred.randomness import set_global_seed
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from checkpoint import Interrupted, load_checkpoint, resumed_config
+from checkpoint import load_checkpoint, resumed_config
 from config_checks import DATA_KEY_DEFAULTS, SetupError, check_config, pick_device
 from dpsom_model import MNIST_SHAPE, check_conv_shape
 from mnist_data import DataError, load_data
 from user_data import Preprocessing, load_for_assign, load_user_data
 from tb_logging import component_planes
-from plan_runner import TRANSIENT, TransientFailure, is_transient
+from plan_runner import TransientFailure, is_transient, run_commandline, write_result
 from training import LABEL_METRICS, amp_on, build_model, evaluate_model, place, train
 
 ex = Experiment("dpsom")
@@ -360,10 +359,7 @@ def main(_config: dict, _run) -> dict:
         result = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
         result.update({f"{k}_std": float(np.std([r[k] for r in results])) for k in results[0]})
         result["runs"] = results
-    path = os.path.join(c["logdir"], "result.json")                  # what a sweep collects: never half a file
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_result(c["logdir"], result)
     print("  ".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     if data["y_eval"] is None:
         print(f"no labels: {LABEL_METRICS} skipped")
@@ -371,11 +367,4 @@ def main(_config: dict, _run) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        ex.run_commandline()
-    except Interrupted as e:   # a checkpoint was written (or, after a second signal, the last one is kept)
-        print(e, file=sys.stderr)
-        sys.exit(130)
-    except TransientFailure as e:
-        print(e, file=sys.stderr)
-        sys.exit(TRANSIENT)
+    run_commandline(ex)

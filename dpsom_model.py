@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_ops import BF16Linear, FillScaleTriL, fill_scale_tril_indices
-from som import SOMMixin, grid_neighbours  # noqa: F401  (grid_neighbours: also imported from here)
+from som import SOMMixin
 
 TF_BN_EPS = 1e-3         # Keras BatchNormalization's default epsilon
 LEAKY_SLOPE = 0.2        # tf.nn.leaky_relu's default slope

@@ -7,6 +7,7 @@ training.DPSOMRecipe. Takes a config dict and a device and imports no experiment
 tb_logging, checkpoints through checkpoint.
 """
 import ctypes
+import json
 import math
 import os
 import signal
@@ -53,6 +54,28 @@ def is_transient(e: BaseException) -> bool:
     """Whether a failure may not meet a retry of the same run (sweep.py retries exit status TRANSIENT)."""
     return isinstance(e, (torch.OutOfMemoryError, OSError)) or (
         isinstance(e, RuntimeError) and any(s in str(e) for s in TRANSIENT_DEVICE_ERRORS))
+
+
+def run_commandline(ex) -> None:
+    """An experiment's __main__: Sacred's command line, ending with exit status 130 after a stop by signal (a
+    checkpoint was written, or after a second signal the last one is kept) and TRANSIENT after a transient
+    failure, which sweep.py retries."""
+    try:
+        ex.run_commandline()
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except TransientFailure as e:
+        print(e, file=sys.stderr)
+        sys.exit(TRANSIENT)
+
+
+def write_result(logdir: str, result: dict) -> None:
+    """The run's result.json, what a sweep collects: written whole or not at all."""
+    path = os.path.join(logdir, "result.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 # ---- what a model brings --------------------------------------------------------------------------------

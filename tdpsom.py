@@ -16,7 +16,6 @@ tdpsom_model.py's, the recipe and evaluation tdpsom_training.py's, the loop plan
 import csv
 import json
 import os
-import sys
 import uuid
 import warnings
 from datetime import datetime
@@ -27,9 +26,9 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # rai
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from checkpoint import Interrupted, load_checkpoint, resumed_config
+from checkpoint import load_checkpoint, resumed_config
 from config_checks import SetupError, pick_device
-from plan_runner import TRANSIENT, TransientFailure, is_transient
+from plan_runner import TransientFailure, is_transient, run_commandline, write_result
 from sequence_data import NORMALIZATIONS, load_all_sequences, load_sequences
 from tb_logging import component_planes
 from tdpsom_model import LAST_STEP_TARGETS, LSTM_GATES
@@ -342,20 +341,10 @@ def main(_config: dict, _run) -> dict:
             raise
         raise TransientFailure(f"{type(e).__name__}: {e}\nthe last checkpoint in {c['logdir']} is kept; continue "
                                f"with: python tdpsom.py with resume={c['logdir']}") from e
-    path = os.path.join(c["logdir"], "result.json")                  # what a sweep collects: never half a file
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_result(c["logdir"], result)
     report(result)
     return headline(result)       # what Sacred prints and records; result.json holds every number
 
 
 if __name__ == "__main__":
-    try:
-        ex.run_commandline()
-    except Interrupted as e:   # a checkpoint was written (or, after a second signal, the last one is kept)
-        print(e, file=sys.stderr)
-        sys.exit(130)
-    except TransientFailure as e:
-        print(e, file=sys.stderr)
-        sys.exit(TRANSIENT)
+    run_commandline(ex)

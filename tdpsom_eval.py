@@ -10,7 +10,7 @@ as tb_logging writes them.
 import numpy as np
 import torch
 
-from dpsom_model import grid_neighbours
+from som import grid_neighbours
 from utils import CELL, PALETTE, ami, heatmap, map_usage, nmi, purity, quantization_error, topographic_error
 
 

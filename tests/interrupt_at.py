@@ -63,11 +63,4 @@ else:
     setattr(owner, where, killing_call)   # torch.save: checkpoint.save_checkpoint's only call of it
 
 sys.argv[0] = "dpsom.py"
-try:
-    dpsom.ex.run_commandline()
-except dpsom.Interrupted as e:
-    print(e, file=sys.stderr)
-    sys.exit(130)
-except dpsom.TransientFailure as e:
-    print(e, file=sys.stderr)
-    sys.exit(dpsom.TRANSIENT)
+plan_runner.run_commandline(dpsom.ex)   # the entry point's own exit statuses (130, TRANSIENT)

@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, nor
 from sklearn.metrics.cluster import contingency_matrix
 
 import dpsom
-from dpsom_model import grid_neighbours
+from som import grid_neighbours
 import training
 from utils import (cluster_accuracy, clustering_metrics, map_usage, node_statistics, quantization_error,
                    reconstruction_errors, topographic_error, u_matrix)

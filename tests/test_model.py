@@ -8,7 +8,8 @@ import torch
 
 import torch.nn.functional as F
 
-from dpsom_model import DPSOM, grid_neighbours
+from dpsom_model import DPSOM
+from som import grid_neighbours
 from fast_ops import TRIL_DIAG_SHIFT, FillScaleTriL, fill_scale_tril_indices, tril_fill_index
 from tf1_adam import CHUNK, TF1Adam
 

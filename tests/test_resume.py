@@ -199,7 +199,7 @@ def test_full_disk_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 def test_a_full_disk_stops_the_run_with_the_status_a_sweep_retries(stopped):
     logdir, started = stopped["full_disk"]
     done = started.wait()
-    assert done.returncode == dpsom.TRANSIENT == 75, done.stderr[-2000:]
+    assert done.returncode == plan_runner.TRANSIENT == 75, done.stderr[-2000:]
     assert "OSError: [Errno 28] No space left on device" in done.stderr
     assert f"the last checkpoint in {logdir} is kept; continue with: python dpsom.py with resume={logdir}" in done.stderr
     assert torch.load(logdir / "checkpoint.pt", weights_only=False)["global_step"] == 6   # the end of pretraining

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import adjusted_mutual_info_score, mean_squared_error, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from dpsom_model import grid_neighbours
+from som import grid_neighbours
 from tdpsom_eval import (forecast_errors, grid_weights, hit_map_picture, label_mean_pictures, moran_i,
                          moran_i_reference, sequence_metrics, topology, trajectory_picture)
 from utils import PALETTE, VIRIDIS, quantization_error, topographic_error
