@@ -370,12 +370,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, words
 
 
+def seed_list(seeds: str, words: list[str]) -> list[int]:
+    """--seeds: a list S1,S2,... as given (one seed: S1,), or a count N from `with seed=` (default 2020) on."""
+    if "," in seeds:
+        return [int(s) for s in seeds.split(",") if s]
+    base = int(word_value(words, "seed", "2020"))
+    return list(range(base, base + int(seeds)))
+
+
 def main(argv: list[str]) -> int:
     args, words = parse(argv)
-    base = int(word_value(words, "seed", "2020"))
+    seeds = seed_list(args.seeds, words)
     words = [w for w in words if not w.startswith("seed=")]
-    seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
-             else list(range(base, base + int(args.seeds))))
     grid = [(g.split("=", 1)[0], split_values(g.split("=", 1)[1])) for g in args.grid]
     runs = plan(grid, seeds, words, args.cells.split(",") if args.preset else None)
     shared_pretrain(runs)

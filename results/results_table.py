@@ -104,7 +104,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
             "encoding": "sample" if word(words, "eval_sample", "False") == "True" else "mean",
             "hardware": hardware, "wall_h": f"{seconds / 3600:.2f}",
             "commit": commit_of(records),
-            "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')}"
+            "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')},"
                        f"{cpus}{gpu}" + (f" with {' '.join(extra)}" if extra else "")}
     return row, extra
 

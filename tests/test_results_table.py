@@ -11,6 +11,7 @@ from test_end_to_end import TINY
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import results_table  # noqa: E402
+import sweep  # noqa: E402
 
 
 def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli_run):
@@ -31,8 +32,10 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert row["split"] == "validation" and row["encoding"] == "mean" and row["wall_h"] == "2.00"
     assert row["hardware"].endswith(", 1 threads")                 # the thread count the run itself recorded
     assert row["commit"].split("-")[0] == head.stdout.strip()
-    assert row["command"] == ("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 "
+    assert row["command"] == ("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, "
                               f"--cpus-per-run 1 with max_train_samples={TINY['max_train_samples']}")
+    args, again = sweep.parse(row["command"].split()[2:])              # the command reruns this seed, no other
+    assert sweep.seed_list(args.seeds, again) == [1] and args.cells == "mnist_dense"
     results_table.collect([str(out)], path=str(csv_path), changed=True)   # again: replaced, not added
     assert len(results_table.read_csv(str(csv_path))) == 1
 
