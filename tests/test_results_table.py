@@ -69,3 +69,10 @@ def test_the_readme_table_is_replaced_between_its_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         results_table.update_readme([], str(readme))
+
+
+def test_the_readmes_table_is_the_one_its_csv_gives():
+    # the committed README shows what results/results_table.csv holds: rerun `results_table.py readme` after collect
+    text = open(results_table.README).read()
+    shown = text.split(results_table.START, 1)[1].split(results_table.END, 1)[0].strip()
+    assert shown == results_table.table(results_table.read_csv()), "run: python results/results_table.py readme"
