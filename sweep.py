@@ -279,7 +279,7 @@ def write_tables(out: str, runs: list[dict], records: dict[str, dict]) -> tuple[
         for k in numbers:   # over the runs that report k (a run without labels has no purity, for example)
             values = np.array([row[k] for row in done if row[k] != ""], dtype=float)
             entry[f"{k}_mean"] = float(values.mean()) if len(values) else ""
-            entry[f"{k}_std"] = float(values.std()) if len(values) else ""   # numpy's: ddof=0
+            entry[f"{k}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""   # the sample std, as the README
         summary.append(entry)
     write_csv(os.path.join(out, "summary.csv"), summary)
     return rows, summary
@@ -303,6 +303,12 @@ def outcome(ref, run: dict, out: str, lost: str) -> dict:
                 **time_spent(os.path.join(out, "runs", run["name"]))}
 
 
+def mean_std(entry: dict, key: str) -> str:
+    """'0.9500 ± 0.0200' over several runs, '0.9500' over one (no spread to show)."""
+    std = entry[f"{key}_std"]
+    return f"{entry[f'{key}_mean']:.4f}" + (f" ± {std:.4f}" if std != "" else "")
+
+
 def print_summary(summary: list[dict], preset: bool) -> None:
     if not summary:
         return
@@ -310,14 +316,14 @@ def print_summary(summary: list[dict], preset: bool) -> None:
     shown = [k for k in ("nmi", "purity", "ami", "nll", "nodes_used") if f"{k}_mean" in summary[0]]
     print("\n" + "  ".join(keys + ["n"] + shown))
     for e in summary:
-        cells = [f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f}" if e[f"{k}_mean"] != "" else "-" for k in shown]
+        cells = [mean_std(e, k) if e[f"{k}_mean"] != "" else "-" for k in shown]
         print("  ".join([str(e[k]) for k in keys] + [str(e["n"])] + cells))
     if preset:
         print("\nThe seed's table beside this sweep (validation split; mean ± std over n seeds):")
         print(f"{'cell':<14}{'metric':<8}{'this sweep':>22}{'seed: Torch':>13}{'seed: TF':>10}")
         for e in summary:
             for i, k in enumerate(("nmi", "purity")):
-                mine = (f"{e[f'{k}_mean']:.4f} ± {e[f'{k}_std']:.4f} (n={e['n']})"
+                mine = (f"{mean_std(e, k)} (n={e['n']})"
                         if e.get(f"{k}_mean", "") != "" else "no finished run")   # absent: no run reported any
                 torch_ref, tf_ref = (t[i] for t in SEED_TABLE[e["cell"]])
                 print(f"{e['cell'] if i == 0 else '':<14}{k:<8}{mine:>22}{torch_ref:>13.4f}{tf_ref:>10.4f}")

@@ -8,7 +8,8 @@
 seed (the run's words), NMI, purity and AMI, the split and the encoding (posterior mean, or a sample with
 eval_sample=True), the hardware (CPU model and thread count, or GPU, from Sacred's record of the run), the wall
 time over every attempt, the commit it ran (Sacred's record; "-dirty" with uncommitted changes) and the sweep
-command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced.
+command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it
+stands; a new run is added at the end, and the table takes each seed's last row.
 `readme` puts the table between the README's results-table markers: this port's dense and conv columns as
 mean ± std (n) over the seeds of each cell (the sample standard deviation; one run has none), beside the
 seed's Torch and TF columns, and the spread of the MNIST dense seeds.
@@ -18,6 +19,7 @@ import csv
 import glob
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -56,11 +58,12 @@ def sacred_records(out: str, logdir: str) -> list[dict]:
     """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its info.json as "info" (the
     sweep's observer keeps them in OUT/sacred, beside each attempt's config.json)."""
     records = []
-    for folder in sorted(glob.glob(os.path.join(out, "sacred", "*")), key=lambda d: os.path.getmtime(d)):
+    folders = [d for d in glob.glob(os.path.join(out, "sacred", "*")) if os.path.basename(d).isdigit()]
+    for folder in sorted(folders, key=lambda d: int(os.path.basename(d))):   # Sacred's run ids count up
         if not os.path.exists(os.path.join(folder, "config.json")):
             continue
-        with open(os.path.join(folder, "config.json")) as f:
-            if os.path.abspath(json.load(f).get("logdir", "")) != os.path.abspath(logdir):
+        with open(os.path.join(folder, "config.json")) as f:   # by the run's name: OUT may have moved since
+            if os.path.basename(os.path.normpath(json.load(f).get("logdir", ""))) != os.path.basename(logdir):
                 continue
         with open(os.path.join(folder, "run.json")) as f:
             records.append(json.load(f))
@@ -73,11 +76,12 @@ def sacred_records(out: str, logdir: str) -> list[dict]:
 
 
 def commit_of(records: list[dict]) -> str:
-    """The commit every attempt ran ("-dirty" with uncommitted changes), or first..last where they differ."""
-    commits = list(dict.fromkeys(r["experiment"]["repositories"][0]["commit"][:7]
-                                 + ("-dirty" if r["experiment"]["repositories"][0].get("dirty") else "")
-                                 for r in records if r["experiment"].get("repositories")))
-    return "..".join([commits[0], commits[-1]] if len(commits) > 1 else commits) or "unknown"
+    """The commit every attempt ran ("-dirty" with uncommitted changes), or the commits in the order the attempts
+    ran them, joined by "..", an attempt on the commit of the one before not repeated: a..b..a ended on a."""
+    commits = [r["experiment"]["repositories"][0]["commit"][:7]
+               + ("-dirty" if r["experiment"]["repositories"][0].get("dirty") else "")
+               for r in records if r["experiment"].get("repositories")]
+    return "..".join(c for i, c in enumerate(commits) if i == 0 or c != commits[i - 1]) or "unknown"
 
 
 def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, list[str]]:
@@ -105,7 +109,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
             "hardware": hardware, "wall_h": f"{seconds / 3600:.2f}",
             "commit": commit_of(records),
             "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')},"
-                       f"{cpus}{gpu}" + (f" with {' '.join(extra)}" if extra else "")}
+                       f"{cpus}{gpu}" + (f" with {shlex.join(extra)}" if extra else "")}
     return row, extra
 
 
@@ -117,14 +121,26 @@ def collect(outs: list[str], path: str = CSV, threads: int | None = None, change
     rows, new = read_csv(path), []
     for out in outs:
         for logdir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
-            if os.path.exists(os.path.join(logdir, "result.json")):
+            name = os.path.basename(logdir)
+            if not os.path.exists(os.path.join(logdir, "result.json")):
+                print(f"left out {logdir}: not finished (no result.json)")
+            elif not any(name.startswith(c + "_") for c in CELLS) or not os.path.exists(os.path.join(logdir, "sweep.json")):
+                print(f"left out {logdir}: not a run of `sweep.py --preset results_table` (no cell name or sweep.json)")
+            else:
                 row, extra = run_row(out, logdir, threads)
                 if extra and not changed:
                     print(f"left out {logdir}: not the default ({' '.join(extra)})")
                     continue
                 new.append(row)
-    keys = {tuple(r[k] for k in KEY) for r in new}
-    write_csv([r for r in rows if tuple(r[k] for k in KEY) not in keys] + new, path)
+    index = {tuple(r[k] for k in KEY): i for i, r in enumerate(rows)}
+    for row in new:                     # a run collected again keeps its place: the table's latest row per seed
+        key = tuple(row[k] for k in KEY)   # stays the run added last
+        if key in index:
+            rows[index[key]] = row
+        else:
+            index[key] = len(rows)
+            rows.append(row)
+    write_csv(rows, path)
     return new
 
 

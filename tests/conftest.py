@@ -75,18 +75,22 @@ def tiny_run(tmp_path_factory, data_dir):
     return dpsom.ex.run(config_updates=config, options={"--loglevel": "ERROR"}), folder / "run"
 
 
+def cli_words() -> list[str]:
+    """The words of cli_run's run, as a sweep gives them: the cell's, TINY's and the seed last."""
+    from test_end_to_end import TINY
+    return (["validation=True"] + [f"{k}={v}" for k, v in TINY.items() if k not in ("validation", "seed")]
+            + [f"seed={TINY['seed']}"])
+
+
 @pytest.fixture(scope="session")
 def cli_run(tmp_path_factory, data_dir):
     """One `python dpsom.py -F ... with ...` run of TINY in a fresh process, laid out as a sweep's run (OUT/sacred,
     OUT/runs/mnist_dense_seed=1, one thread): shared by the tests of the command line (test_end_to_end), its
     progress lines (test_training) and a sweep run's table row (test_results_table). Its CompletedProcess, OUT
     and the run's folder."""
-    from test_end_to_end import TINY
     out = tmp_path_factory.mktemp("cli") / "out"
     logdir = out / "runs" / "mnist_dense_seed=1"
-    words = ["validation=True", f"max_train_samples={TINY['max_train_samples']}", "seed=1"]   # the sweep's words
-    words += [f"{k}={v}" for k, v in TINY.items() if k not in ("validation", "max_train_samples", "seed")]
-    done = subprocess.run([sys.executable, "dpsom.py", "-F", str(out / "sacred"), "with", *words,
+    done = subprocess.run([sys.executable, "dpsom.py", "-F", str(out / "sacred"), "with", *cli_words(),
                            f"data_dir={data_dir}", f"logdir={logdir}"], cwd=ROOT, capture_output=True, text=True,
                           env=one_thread(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,13 +1,13 @@
 """results/results_table.py: a run's row from the files a sweep leaves, and the README's table from the rows."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
-from test_end_to_end import TINY
+from conftest import ROOT, cli_words
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import results_table  # noqa: E402
@@ -15,10 +15,9 @@ import sweep  # noqa: E402
 
 
 def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli_run):
-    # what `sweep.py OUT --preset results_table --cells mnist_dense --seeds 1 with ...` leaves for one run
+    # what `sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, with ...` leaves for one run
     _, out, logdir = cli_run
-    words = ["validation=True", f"max_train_samples={TINY['max_train_samples']}", "seed=1"]
-    (logdir / "sweep.json").write_text(json.dumps({"words": words, "device": "cpu"}))
+    (logdir / "sweep.json").write_text(json.dumps({"words": cli_words(), "device": "cpu"}))
     (logdir / "attempts.json").write_text(json.dumps([{"seconds": 1800.0}, {"seconds": 5400.0}]))
     csv_path = tmp_path / "table.csv"
     assert results_table.collect([str(out)], path=str(csv_path)) == []   # a short run is not the default's
@@ -32,12 +31,49 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert row["split"] == "validation" and row["encoding"] == "mean" and row["wall_h"] == "2.00"
     assert row["hardware"].endswith(", 1 threads")                 # the thread count the run itself recorded
     assert row["commit"].split("-")[0] == head.stdout.strip()
-    assert row["command"] == ("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, "
-                              f"--cpus-per-run 1 with max_train_samples={TINY['max_train_samples']}")
-    args, again = sweep.parse(row["command"].split()[2:])              # the command reruns this seed, no other
-    assert sweep.seed_list(args.seeds, again) == [1] and args.cells == "mnist_dense"
+    assert row["command"].startswith("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, "
+                                     "--cpus-per-run 1 with ")
+    # pasted into a shell, the command reruns this cell and seed with the run's own words, no other
+    args, again = sweep.parse(shlex.split(row["command"])[2:])
+    assert args.cells == "mnist_dense" and args.cpus_per_run == 1 and sweep.seed_list(args.seeds, again) == [1]
+    assert sweep.plan([], [1], again, ["mnist_dense"])[0]["words"] == cli_words()
     results_table.collect([str(out)], path=str(csv_path), changed=True)   # again: replaced, not added
     assert len(results_table.read_csv(str(csv_path))) == 1
+
+
+def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch):
+    # a conv and an fmnist_conv run (names that share a prefix), an unfinished run and a stray folder
+    out = tmp_path / "out"
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes"):
+        (out / "runs" / name).mkdir(parents=True)
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
+        (out / "runs" / name / "result.json").write_text(json.dumps({"nmi": 0.7, "purity": 0.97, "ami": 0.6}))
+    (out / "runs" / "notes" / "result.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(results_table, "run_row", lambda o, logdir, threads: seen.append(logdir) or (
+        {"cell": next(c for c in sweep.CELLS if os.path.basename(logdir).startswith(c + "_")), "seed": "7",
+         "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.97"}, []))
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
+        (out / "runs" / name / "sweep.json").write_text("{}")
+    csv_path = str(tmp_path / "t.csv")
+    results_table.write_csv([{"cell": "mnist_dense", "seed": "2020"}, {"cell": "mnist_conv", "seed": "7",
+                             "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.5"},
+                             {"cell": "mnist_dense", "seed": "2021"}], csv_path)
+    new = results_table.collect([str(out)], path=csv_path)
+    assert sorted(r["cell"] for r in new) == ["fmnist_conv", "mnist_conv"] and len(seen) == 2
+    table = results_table.read_csv(csv_path)
+    assert [(r["cell"], r["seed"]) for r in table] == [("mnist_dense", "2020"), ("mnist_conv", "7"),
+                                                       ("mnist_dense", "2021"), ("fmnist_conv", "7")]
+    assert table[1]["purity"] == "0.97"                             # replaced where it stood
+
+
+def test_the_commit_of_attempts_in_the_order_they_ran():
+    def rec(commit, dirty=False):
+        return {"experiment": {"repositories": [{"commit": commit * 40, "dirty": dirty}]}}
+    assert results_table.commit_of([rec("a"), rec("a")]) == "a" * 7
+    assert results_table.commit_of([rec("a"), rec("b"), rec("a")]) == "aaaaaaa..bbbbbbb..aaaaaaa"   # ended on a
+    assert results_table.commit_of([rec("a"), rec("a", dirty=True)]) == "aaaaaaa..aaaaaaa-dirty"
+    assert results_table.commit_of([{"experiment": {}}]) == "unknown"
 
 
 def rows(cell, values, **other):

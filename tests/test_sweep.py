@@ -73,8 +73,8 @@ def test_grid_times_seeds_collects_every_run_and_runs_nothing_twice(tmp_path, da
         values = [float(r["purity"]) for r in rows if r["alpha"] == entry["alpha"]]
         assert int(entry["n"]) == 2
         assert float(entry["purity_mean"]) == pytest.approx(np.mean(values), rel=1e-12)
-        assert float(entry["purity_std"]) == pytest.approx(np.std(values), rel=1e-12)
-        assert f"{np.mean(values):.4f} ± {np.std(values):.4f}" in done.stdout  # the summary is printed
+        assert float(entry["purity_std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-12)   # the sample std
+        assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in done.stdout  # the summary is printed
     again = sweep(out, *grid, data_dir=data_dir)
     assert again.returncode == 0 and len(sacred_runs(out)) == 4               # finished runs are skipped
     kept = list(csv.DictReader(open(out / "results.csv")))                    # with the time they took
@@ -299,8 +299,9 @@ def test_tables_keep_every_row_when_runs_report_different_numbers(tmp_path):
     rows, summary = sweep.write_tables(str(tmp_path), runs, records)
     assert [r["status"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["done", "done", "failed"]
     entry, = summary
-    assert entry["n"] == 2 and entry["nll_mean"] == 61.0 and entry["nll_std"] == 1.0
-    assert entry["purity_mean"] == 0.9 and entry["purity_std"] == 0.0
+    assert entry["n"] == 2 and entry["nll_mean"] == 61.0 and entry["nll_std"] == pytest.approx(2 ** 0.5)
+    assert entry["purity_mean"] == 0.9 and entry["purity_std"] == ""       # one run reports it: no spread
+    assert sweep.mean_std(entry, "purity") == "0.9000" and sweep.mean_std(entry, "nll") == "61.0000 ± 1.4142"
 
 
 def test_one_sweep_at_a_time_on_a_folder_and_options_it_cannot_honour(tmp_path, capsys):
