@@ -25,7 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sweep import CELLS, SEED_TABLE  # noqa: E402
+from sweep_tables import CELLS, SEED_TABLE, write_csv as write_rows  # noqa: E402
 
 CSV = os.path.join(ROOT, "results", "results_table.csv")
 README = os.path.join(ROOT, "README.md")
@@ -44,10 +44,7 @@ def read_csv(path: str = CSV) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str = CSV) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(path, rows, COLUMNS)
 
 
 def word(words: list[str], key: str, default: str = "") -> str:

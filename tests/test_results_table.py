@@ -12,6 +12,7 @@ from conftest import ROOT, cli_words
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import results_table  # noqa: E402
 import sweep  # noqa: E402
+import sweep_tables  # noqa: E402
 
 
 def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli_run):
@@ -51,7 +52,7 @@ def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a
     (out / "runs" / "notes" / "result.json").write_text("{}")
     seen = []
     monkeypatch.setattr(results_table, "run_row", lambda o, logdir, threads: seen.append(logdir) or (
-        {"cell": next(c for c in sweep.CELLS if os.path.basename(logdir).startswith(c + "_")), "seed": "7",
+        {"cell": next(c for c in sweep_tables.CELLS if os.path.basename(logdir).startswith(c + "_")), "seed": "7",
          "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.97"}, []))
     for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
         (out / "runs" / name / "sweep.json").write_text("{}")

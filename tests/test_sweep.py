@@ -201,16 +201,17 @@ def test_ctrl_c_stops_the_runs_with_checkpoints_and_the_same_command_continues(t
 
 def test_grid_values_cells_and_the_seed_table(capsys):
     import sweep
+    import sweep_tables
     assert sweep.split_values("[6,10],[8,8]") == ["[6,10]", "[8,8]"] and sweep.split_values("5,'a,b'") == ["5", "'a,b'"]
     runs = sweep.plan([("alpha", ["5", "10"])], [1, 2], ["quick"], ["mnist_conv"])
     assert [r["name"] for r in runs] == ["mnist_conv_alpha=5_seed=1", "mnist_conv_alpha=5_seed=2",
                                          "mnist_conv_alpha=10_seed=1", "mnist_conv_alpha=10_seed=2"]
     assert runs[0]["words"] == ["conv", "validation=True", "quick", "alpha=5", "seed=1"]
-    sweep.print_summary([{"cell": "mnist_conv", "n": 2, "nmi_mean": 0.7, "nmi_std": 0.01, "purity_mean": 0.95,
+    sweep_tables.print_summary([{"cell": "mnist_conv", "n": 2, "nmi_mean": 0.7, "nmi_std": 0.01, "purity_mean": 0.95,
                           "purity_std": 0.02}], preset=True)
     printed = capsys.readouterr().out
     assert "0.9500 ± 0.0200 (n=2)" in printed and "0.9833" in printed and "0.9676" in printed   # the seed's conv numbers
-    sweep.print_summary([{"cell": "fmnist_dense", "n": 0}], preset=True)   # every run failed: no numbers at all
+    sweep_tables.print_summary([{"cell": "fmnist_dense", "n": 0}], preset=True)   # every run failed: no numbers at all
     assert "no finished run" in capsys.readouterr().out
 
 
@@ -291,17 +292,17 @@ def test_a_rerun_with_other_settings_is_refused_by_each_run(tmp_path):
 
 
 def test_tables_keep_every_row_when_runs_report_different_numbers(tmp_path):
-    import sweep
+    import sweep_tables
     runs = [{"name": f"seed={s}", "settings": {}, "seed": s, "words": []} for s in (1, 2, 3)]
     records = {"seed=1": {"status": "done", "wall_s": 2.0, "attempts": 1, "result": {"nll": 60.0, "purity": 0.9}},
                "seed=2": {"status": "done", "wall_s": 3.0, "attempts": 1, "result": {"nll": 62.0}},   # no labels
                "seed=3": {"status": "failed", "error": "config gamma=-1: ...", "wall_s": 1.0, "attempts": 1}}
-    rows, summary = sweep.write_tables(str(tmp_path), runs, records)
+    rows, summary = sweep_tables.write_tables(str(tmp_path), runs, records)
     assert [r["status"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["done", "done", "failed"]
     entry, = summary
     assert entry["n"] == 2 and entry["nll_mean"] == 61.0 and entry["nll_std"] == pytest.approx(2 ** 0.5)
     assert entry["purity_mean"] == 0.9 and entry["purity_std"] == ""       # one run reports it: no spread
-    assert sweep.mean_std(entry, "purity") == "0.9000" and sweep.mean_std(entry, "nll") == "61.0000 ± 1.4142"
+    assert sweep_tables.mean_std(entry, "purity") == "0.9000" and sweep_tables.mean_std(entry, "nll") == "61.0000 ± 1.4142"
 
 
 def test_one_sweep_at_a_time_on_a_folder_and_options_it_cannot_honour(tmp_path, capsys):
