@@ -51,6 +51,11 @@ def word(words: list[str], key: str, default: str = "") -> str:
     return next((w.split("=", 1)[1] for w in reversed(words) if w.startswith(key + "=")), default)
 
 
+def cell_of(name: str) -> str | None:
+    """The cell of a preset run's folder name (mnist_conv_seed=7 -> mnist_conv), or None."""
+    return next((c for c in CELLS if name.startswith(c + "_")), None)
+
+
 def sacred_records(out: str, logdir: str) -> list[dict]:
     """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its info.json as "info" (the
     sweep's observer keeps them in OUT/sacred, beside each attempt's config.json)."""
@@ -91,7 +96,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
     with open(os.path.join(logdir, "attempts.json")) as f:
         seconds = sum(a["seconds"] for a in json.load(f))
     words, records = identity["words"], sacred_records(out, logdir)
-    cell = next(c for c in CELLS if os.path.basename(logdir).startswith(c + "_"))
+    cell = cell_of(os.path.basename(logdir))
     info = records[-1].get("info", {})
     threads = str(info.get("threads") or threads or "?")
     hardware = (f"{records[-1]['host']['cpu']}, {threads} threads" if identity["device"] == "cpu"
@@ -121,7 +126,7 @@ def collect(outs: list[str], path: str = CSV, threads: int | None = None, change
             name = os.path.basename(logdir)
             if not os.path.exists(os.path.join(logdir, "result.json")):
                 print(f"left out {logdir}: not finished (no result.json)")
-            elif not any(name.startswith(c + "_") for c in CELLS) or not os.path.exists(os.path.join(logdir, "sweep.json")):
+            elif cell_of(name) is None or not os.path.exists(os.path.join(logdir, "sweep.json")):
                 print(f"left out {logdir}: not a run of `sweep.py --preset results_table` (no cell name or sweep.json)")
             else:
                 row, extra = run_row(out, logdir, threads)

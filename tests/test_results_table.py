@@ -12,7 +12,6 @@ from conftest import ROOT, cli_words
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import results_table  # noqa: E402
 import sweep  # noqa: E402
-import sweep_tables  # noqa: E402
 
 
 def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli_run):
@@ -42,7 +41,8 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert len(results_table.read_csv(str(csv_path))) == 1
 
 
-def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch):
+def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch,
+                                                                                               capsys):
     # a conv and an fmnist_conv run (names that share a prefix), an unfinished run and a stray folder
     out = tmp_path / "out"
     for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes"):
@@ -50,9 +50,12 @@ def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a
     for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
         (out / "runs" / name / "result.json").write_text(json.dumps({"nmi": 0.7, "purity": 0.97, "ami": 0.6}))
     (out / "runs" / "notes" / "result.json").write_text("{}")
-    seen = []
+    assert [results_table.cell_of(n) for n in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8",
+                                               "mnist_dense_seed=1", "notes")] == [
+        "mnist_conv", "fmnist_conv", "fmnist_dense", "mnist_dense", None]
+    seen = []   # run_row's files are the first test's; here only which folders reach it, under which cell
     monkeypatch.setattr(results_table, "run_row", lambda o, logdir, threads: seen.append(logdir) or (
-        {"cell": next(c for c in sweep_tables.CELLS if os.path.basename(logdir).startswith(c + "_")), "seed": "7",
+        {"cell": results_table.cell_of(os.path.basename(logdir)), "seed": "7",
          "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.97"}, []))
     for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
         (out / "runs" / name / "sweep.json").write_text("{}")
@@ -62,6 +65,8 @@ def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a
                              {"cell": "mnist_dense", "seed": "2021"}], csv_path)
     new = results_table.collect([str(out)], path=csv_path)
     assert sorted(r["cell"] for r in new) == ["fmnist_conv", "mnist_conv"] and len(seen) == 2
+    told = capsys.readouterr().out
+    assert "fmnist_dense_seed=8: not finished" in told and "notes: not a run of" in told
     table = results_table.read_csv(csv_path)
     assert [(r["cell"], r["seed"]) for r in table] == [("mnist_dense", "2020"), ("mnist_conv", "7"),
                                                        ("mnist_dense", "2021"), ("fmnist_conv", "7")]
