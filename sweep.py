@@ -130,8 +130,8 @@ def attempt(run: dict, logdir: str, out: str, threads: int, device: str, cwd: st
            f"logdir={logdir}", f"device={device}"] + ([f"resume={logdir}"] if resume else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    attempts = read_attempts(logdir) + [{"started": stamp, "seconds": 0.0, "exit": None}]
-    started = time.time()
+    started = time.time()               # "at": the same moment in seconds since the epoch, for any time zone
+    attempts = read_attempts(logdir) + [{"started": stamp, "at": started, "seconds": 0.0, "exit": None}]
     with open(os.path.join(logdir, "stdout.txt"), "a") as o, open(os.path.join(logdir, "stderr.txt"), "a") as e:
         e.write(f"--- attempt at {stamp}: {' '.join(cmd)}\n")
         e.flush()

@@ -7,8 +7,8 @@
 `collect` reads each run of a `sweep.py --preset results_table` folder that has a result.json: its cell and
 seed (the run's words), NMI, purity and AMI, the split and the encoding (posterior mean, or a sample with
 eval_sample=True), the hardware (CPU model and thread count, or GPU, from Sacred's record of the run), the wall
-time over every attempt, the commit it ran (Sacred's record; "-dirty" with uncommitted changes) and the sweep
-command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it
+time over every attempt, the commit it ran (Sacred's records of the attempts, found by the run's name and begun
+after its first attempt; "-dirty" with uncommitted changes) and the sweep command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it
 stands; a new run is added at the end, and the table takes each seed's last row.
 `readme` puts the table between the README's results-table markers: this port's dense and conv columns as
 mean ± std (n) over the seeds of each cell (the sample standard deviation; one run has none), beside the
@@ -16,6 +16,7 @@ seed's Torch and TF columns, and the spread of the MNIST dense seeds.
 """
 import argparse
 import csv
+import datetime
 import glob
 import json
 import os
@@ -56,9 +57,11 @@ def cell_of(name: str) -> str | None:
     return next((c for c in CELLS if name.startswith(c + "_")), None)
 
 
-def sacred_records(out: str, logdir: str) -> list[dict]:
+def sacred_records(out: str, logdir: str, since: float | None = None) -> list[dict]:
     """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its info.json as "info" (the
-    sweep's observer keeps them in OUT/sacred, beside each attempt's config.json)."""
+    sweep's observer keeps them in OUT/sacred, beside each attempt's config.json). since: the first attempt's start
+    in seconds since the epoch; a record begun before it is of an earlier run in a folder of the same name (one
+    deleted and run again) and is left out."""
     records = []
     folders = [d for d in glob.glob(os.path.join(out, "sacred", "*")) if os.path.basename(d).isdigit()]
     for folder in sorted(folders, key=lambda d: int(os.path.basename(d))):   # Sacred's run ids count up
@@ -68,7 +71,11 @@ def sacred_records(out: str, logdir: str) -> list[dict]:
             if os.path.basename(os.path.normpath(json.load(f).get("logdir", ""))) != os.path.basename(logdir):
                 continue
         with open(os.path.join(folder, "run.json")) as f:
-            records.append(json.load(f))
+            record = json.load(f)
+        begun = datetime.datetime.fromisoformat(record["start_time"]).replace(tzinfo=datetime.timezone.utc)
+        if since is not None and begun.timestamp() < since:     # Sacred writes its start time in UTC
+            continue
+        records.append(record)
         if os.path.exists(os.path.join(folder, "info.json")):   # the run's own notes (_run.info): its threads
             with open(os.path.join(folder, "info.json")) as f:
                 records[-1]["info"] = json.load(f)
@@ -94,8 +101,9 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
     with open(os.path.join(logdir, "result.json")) as f:
         result = json.load(f)
     with open(os.path.join(logdir, "attempts.json")) as f:
-        seconds = sum(a["seconds"] for a in json.load(f))
-    words, records = identity["words"], sacred_records(out, logdir)
+        attempts = json.load(f)
+    seconds = sum(a["seconds"] for a in attempts)
+    words, records = identity["words"], sacred_records(out, logdir, attempts[0].get("at"))  # older sweeps: no "at"
     cell = cell_of(os.path.basename(logdir))
     info = records[-1].get("info", {})
     threads = str(info.get("threads") or threads or "?")

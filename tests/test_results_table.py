@@ -1,7 +1,9 @@
 """results/results_table.py: a run's row from the files a sweep leaves, and the README's table from the rows."""
+import datetime
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -39,6 +41,30 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert sweep.plan([], [1], again, ["mnist_dense"])[0]["words"] == cli_words()
     results_table.collect([str(out)], path=str(csv_path), changed=True)   # again: replaced, not added
     assert len(results_table.read_csv(str(csv_path))) == 1
+
+
+def test_a_runs_row_leaves_out_the_sacred_records_of_an_earlier_run_in_a_folder_of_its_name(tmp_path, cli_run):
+    # the run's folder was deleted and run again in the same OUT: Sacred still holds the old run's record, begun
+    # before the new folder's first attempt, on another commit
+    out = tmp_path / "out"
+    shutil.copytree(cli_run[1], out)
+    logdir = out / "runs" / "mnist_dense_seed=1"
+    (logdir / "sweep.json").write_text(json.dumps({"words": cli_words(), "device": "cpu"}))
+    ids = sorted(int(d.name) for d in (out / "sacred").iterdir() if d.name.isdigit())
+    shutil.copytree(out / "sacred" / str(ids[-1]), out / "sacred" / "0")   # the old run: an earlier id
+    old = json.load(open(out / "sacred" / "0" / "run.json"))
+    begun = datetime.datetime.fromisoformat(old["start_time"]).replace(tzinfo=datetime.timezone.utc).timestamp()
+    an_hour_before = datetime.datetime.fromtimestamp(begun - 3600, datetime.timezone.utc)
+    old["start_time"] = an_hour_before.replace(tzinfo=None).isoformat()          # as Sacred writes it: UTC, naive
+    old["experiment"]["repositories"][0].update(commit="b" * 40, dirty=False)
+    (out / "sacred" / "0" / "run.json").write_text(json.dumps(old))
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    (logdir / "attempts.json").write_text(json.dumps([{"at": begun - 2, "seconds": 60.0}]))
+    row, _ = results_table.run_row(str(out), str(logdir))
+    assert row["commit"].split("-")[0] == head.stdout.strip()            # the old record is not an attempt of it
+    (logdir / "attempts.json").write_text(json.dumps([{"seconds": 60.0}]))   # a sweep's record before "at"
+    row, _ = results_table.run_row(str(out), str(logdir))
+    assert row["commit"].startswith("bbbbbbb..")                           # by name alone: both runs' records
 
 
 def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch,
