@@ -7,9 +7,10 @@
 `collect` reads each run of a `sweep.py --preset results_table` folder that has a result.json: its cell and
 seed (the run's words), NMI, purity and AMI, the split and the encoding (posterior mean, or a sample with
 eval_sample=True), the hardware (CPU model and thread count, or GPU, from Sacred's record of the run), the wall
-time over every attempt, the commit it ran (Sacred's records of the attempts, found by the run's name and begun
-after its first attempt; "-dirty" with uncommitted changes) and the sweep command that reruns it. A run already in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it
-stands; a new run is added at the end, and the table takes each seed's last row.
+time over every attempt, the commits it ran (Sacred's records of the attempts, found by the run's name and begun
+after its first attempt; "-dirty" with uncommitted changes) and the sweep command that reruns it. A run already
+in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it stands; a new run is added at the
+end, and the table takes each seed's last row.
 `readme` puts the table between the README's results-table markers: this port's dense and conv columns as
 mean ± std (n) over the seeds of each cell (the sample standard deviation; one run has none), beside the
 seed's Torch and TF columns, and the spread of the MNIST dense seeds.
@@ -107,7 +108,8 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
     cell = cell_of(os.path.basename(logdir))
     info = records[-1].get("info", {})
     threads = str(info.get("threads") or threads or "?")
-    hardware = (f"{records[-1]['host']['cpu']}, {threads} threads" if identity["device"] == "cpu"
+    plural = "" if threads == "1" else "s"
+    hardware = (f"{records[-1]['host']['cpu']}, {threads} thread{plural}" if identity["device"] == "cpu"
                 else info.get("device_name", "GPU"))
     extra = [w for w in words if w not in CELLS[cell] and not w.startswith("seed=")]
     gpu = "" if identity["device"] == "cpu" else " --gpus-per-run 1"

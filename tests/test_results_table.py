@@ -31,7 +31,7 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert len(rows) == 1 and row["cell"] == "mnist_dense" and row["seed"] == "1"
     assert (row["nmi"], row["purity"], row["ami"]) == tuple(f"{result[k]:.4f}" for k in ("nmi", "purity", "ami"))
     assert row["split"] == "validation" and row["encoding"] == "mean" and row["wall_h"] == "2.00"
-    assert row["hardware"].endswith(", 1 threads")                 # the thread count the run itself recorded
+    assert row["hardware"].endswith(", 1 thread")                 # the thread count the run itself recorded
     assert row["commit"].split("-")[0] == head.stdout.strip()
     assert row["command"].startswith("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, "
                                      "--cpus-per-run 1 with ")
