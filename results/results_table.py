@@ -49,18 +49,14 @@ def write_csv(rows: list[dict], path: str = CSV) -> None:
     write_rows(path, rows, COLUMNS)
 
 
-def word(words: list[str], key: str, default: str = "") -> str:
-    return next((w.split("=", 1)[1] for w in reversed(words) if w.startswith(key + "=")), default)
-
-
 def cell_of(name: str) -> str | None:
     """The cell of a preset run's folder name (mnist_conv_seed=7 -> mnist_conv), or None."""
     return next((c for c in CELLS if name.startswith(c + "_")), None)
 
 
 def sacred_records(out: str, logdir: str, since: float | None = None) -> list[dict]:
-    """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its info.json as "info" (the
-    sweep's observer keeps them in OUT/sacred, beside each attempt's config.json). since: the first attempt's start
+    """Sacred's run.json of every attempt of the run in `logdir`, oldest first, with its config.json as "config" and
+    info.json as "info" (the sweep's observer keeps them in OUT/sacred). since: the first attempt's start
     in seconds since the epoch; a record begun before it is of an earlier run in a folder of the same name (one
     deleted and run again) and is left out."""
     records = []
@@ -68,11 +64,12 @@ def sacred_records(out: str, logdir: str, since: float | None = None) -> list[di
     for folder in sorted(folders, key=lambda d: int(os.path.basename(d))):   # Sacred's run ids count up
         if not os.path.exists(os.path.join(folder, "config.json")):
             continue
-        with open(os.path.join(folder, "config.json")) as f:   # by the run's name: OUT may have moved since
-            if os.path.basename(os.path.normpath(json.load(f).get("logdir", ""))) != os.path.basename(logdir):
-                continue
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        if os.path.basename(os.path.normpath(config.get("logdir", ""))) != os.path.basename(logdir):
+            continue                                            # by the run's name: OUT may have moved since
         with open(os.path.join(folder, "run.json")) as f:
-            record = json.load(f)
+            record = dict(json.load(f), config=config)
         begun = datetime.datetime.fromisoformat(record["start_time"]).replace(tzinfo=datetime.timezone.utc)
         if since is not None and begun.timestamp() < since:     # Sacred writes its start time in UTC
             continue
@@ -85,13 +82,28 @@ def sacred_records(out: str, logdir: str, since: float | None = None) -> list[di
     return records
 
 
+def in_order(values: list[str]) -> str:
+    """What every attempt had, or what the attempts had in the order they ran, joined by "..", a value equal to the
+    one before not repeated: a..b..a ended on a."""
+    return "..".join(v for i, v in enumerate(values) if i == 0 or v != values[i - 1])
+
+
 def commit_of(records: list[dict]) -> str:
-    """The commit every attempt ran ("-dirty" with uncommitted changes), or the commits in the order the attempts
-    ran them, joined by "..", an attempt on the commit of the one before not repeated: a..b..a ended on a."""
-    commits = [r["experiment"]["repositories"][0]["commit"][:7]
-               + ("-dirty" if r["experiment"]["repositories"][0].get("dirty") else "")
-               for r in records if r["experiment"].get("repositories")]
-    return "..".join(c for i, c in enumerate(commits) if i == 0 or c != commits[i - 1]) or "unknown"
+    """The commits the attempts ran, in order ("-dirty" with uncommitted changes)."""
+    return in_order([r["experiment"]["repositories"][0]["commit"][:7]
+                     + ("-dirty" if r["experiment"]["repositories"][0].get("dirty") else "")
+                     for r in records if r["experiment"].get("repositories")]) or "unknown"
+
+
+def hardware_of(records: list[dict], device: str, threads: int | None) -> tuple[str, str]:
+    """The CPU model and thread count, or the GPU, the attempts ran on, in order; and the thread count if every
+    attempt had the same (a run begun on 2 threads and continued on 1 is no run of `--cpus-per-run 1`)."""
+    if device != "cpu":
+        return in_order([r.get("info", {}).get("device_name", "GPU") for r in records]), ""
+    counts = [str(r.get("info", {}).get("threads") or threads or "?") for r in records]
+    plural = "" if set(counts) == {"1"} else "s"
+    same = counts[0] if len(set(counts)) == 1 and counts[0].isdigit() else ""
+    return f"{in_order([r['host']['cpu'] for r in records])}, {in_order(counts)} thread{plural}", same
 
 
 def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, list[str]]:
@@ -106,21 +118,19 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
     seconds = sum(a["seconds"] for a in attempts)
     words, records = identity["words"], sacred_records(out, logdir, attempts[0].get("at"))  # older sweeps: no "at"
     cell = cell_of(os.path.basename(logdir))
-    info = records[-1].get("info", {})
-    threads = str(info.get("threads") or threads or "?")
-    plural = "" if threads == "1" else "s"
-    hardware = (f"{records[-1]['host']['cpu']}, {threads} thread{plural}" if identity["device"] == "cpu"
-                else info.get("device_name", "GPU"))
+    hardware, same_threads = hardware_of(records, identity["device"], threads)
+    config = records[-1]["config"]                      # what the words gave, `tf_original`'s eval_sample included
     extra = [w for w in words if w not in CELLS[cell] and not w.startswith("seed=")]
     gpu = "" if identity["device"] == "cpu" else " --gpus-per-run 1"
-    cpus = f" --cpus-per-run {threads}" if identity["device"] == "cpu" and threads.isdigit() else ""
-    row = {"cell": cell, "seed": word(words, "seed"), "nmi": f"{result['nmi']:.4f}",
+    cpus = f" --cpus-per-run {same_threads}" if same_threads else ""
+    seed = str(config["seed"])
+    row = {"cell": cell, "seed": seed, "nmi": f"{result['nmi']:.4f}",
             "purity": f"{result['purity']:.4f}", "ami": f"{result['ami']:.4f}",
-            "split": "validation" if word(words, "validation", "False") == "True" else "test",
-            "encoding": "sample" if word(words, "eval_sample", "False") == "True" else "mean",
+            "split": "validation" if config["validation"] else "test",
+            "encoding": "sample" if config["eval_sample"] else "mean",
             "hardware": hardware, "wall_h": f"{seconds / 3600:.2f}",
             "commit": commit_of(records),
-            "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {word(words, 'seed')},"
+            "command": f"python sweep.py OUT --preset results_table --cells {cell} --seeds {seed},"
                        f"{cpus}{gpu}" + (f" with {shlex.join(extra)}" if extra else "")}
     return row, extra
 

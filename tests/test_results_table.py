@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert len(results_table.read_csv(str(csv_path))) == 1
 
 
-def test_a_runs_row_leaves_out_the_sacred_records_of_an_earlier_run_in_a_folder_of_its_name(tmp_path, cli_run):
+def test_a_runs_row_leaves_out_the_sacred_records_of_an_earlier_run_in_a_folder_of_its_name(tmp_path, cli_run,
+                                                                                             monkeypatch):
     # the run's folder was deleted and run again in the same OUT: Sacred still holds the old run's record, begun
     # before the new folder's first attempt, on another commit
     out = tmp_path / "out"
@@ -60,20 +62,51 @@ def test_a_runs_row_leaves_out_the_sacred_records_of_an_earlier_run_in_a_folder_
     (out / "sacred" / "0" / "run.json").write_text(json.dumps(old))
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     (logdir / "attempts.json").write_text(json.dumps([{"at": begun - 2, "seconds": 60.0}]))
-    row, _ = results_table.run_row(str(out), str(logdir))
+    zone = os.environ.get("TZ")
+    monkeypatch.setenv("TZ", "Asia/Kolkata")    # UTC+5:30: Sacred's UTC start time read as local time would
+    time.tzset()                                # put the new record before the attempt that started it
+    try:
+        row, _ = results_table.run_row(str(out), str(logdir))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert os.environ.get("TZ") == zone
     assert row["commit"].split("-")[0] == head.stdout.strip()            # the old record is not an attempt of it
     (logdir / "attempts.json").write_text(json.dumps([{"seconds": 60.0}]))   # a sweep's record before "at"
     row, _ = results_table.run_row(str(out), str(logdir))
     assert row["commit"].startswith("bbbbbbb..")                           # by name alone: both runs' records
 
 
+def test_split_and_encoding_come_from_the_runs_config_hardware_and_threads_from_every_attempt(tmp_path, cli_run):
+    out = tmp_path / "out"
+    shutil.copytree(cli_run[1], out)
+    logdir = out / "runs" / "mnist_dense_seed=1"
+    (logdir / "sweep.json").write_text(json.dumps({"words": cli_words(), "device": "cpu"}))
+    (logdir / "attempts.json").write_text(json.dumps([{"seconds": 60.0}]))
+    record, = [d for d in (out / "sacred").iterdir() if d.name.isdigit()]
+    config = json.load(open(record / "config.json"))
+    config["eval_sample"] = True                     # as `with tf_original` sets it: no eval_sample= among the words
+    (record / "config.json").write_text(json.dumps(config))
+    row, _ = results_table.run_row(str(out), str(logdir))
+    assert "eval_sample=True" not in cli_words() and row["encoding"] == "sample" and row["split"] == "validation"
+
+    def rec(cpu, threads):
+        return {"host": {"cpu": cpu}, "info": {"threads": threads}}
+    assert results_table.hardware_of([rec("X", 1), rec("X", 1)], "cpu", None) == ("X, 1 thread", "1")
+    # begun on 2 threads, continued on 1: both said, and no --cpus-per-run repeats it
+    assert results_table.hardware_of([rec("X", 2), rec("X", 1)], "cpu", None) == ("X, 2..1 threads", "")
+    assert results_table.hardware_of([rec("X", 2), rec("Y", 2)], "cpu", None) == ("X..Y, 2 threads", "2")
+    assert results_table.hardware_of([{"host": {"cpu": "X"}}], "cpu", 4) == ("X, 4 threads", "4")
+    assert results_table.hardware_of([{"info": {"device_name": "H100"}}], "cuda", None) == ("H100", "")
+
+
 def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch,
                                                                                                capsys):
     # a conv and an fmnist_conv run (names that share a prefix), an unfinished run and a stray folder
     out = tmp_path / "out"
-    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes"):
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes", "mnist_dense_seed=9"):
         (out / "runs" / name).mkdir(parents=True)
-    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "mnist_dense_seed=9"):   # 9: a run without sweep.json
         (out / "runs" / name / "result.json").write_text(json.dumps({"nmi": 0.7, "purity": 0.97, "ami": 0.6}))
     (out / "runs" / "notes" / "result.json").write_text("{}")
     assert [results_table.cell_of(n) for n in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8",
@@ -93,6 +126,7 @@ def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a
     assert sorted(r["cell"] for r in new) == ["fmnist_conv", "mnist_conv"] and len(seen) == 2
     told = capsys.readouterr().out
     assert "fmnist_dense_seed=8: not finished" in told and "notes: not a run of" in told
+    assert "mnist_dense_seed=9: not a run of" in told
     table = results_table.read_csv(csv_path)
     assert [(r["cell"], r["seed"]) for r in table] == [("mnist_dense", "2020"), ("mnist_conv", "7"),
                                                        ("mnist_dense", "2021"), ("fmnist_conv", "7")]

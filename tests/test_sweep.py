@@ -139,6 +139,9 @@ def test_a_killed_run_is_retried_and_resumes_to_the_uninterrupted_result(tmp_pat
     spent = json.load(open(logdir / "attempts.json"))                         # both attempts count in wall_s
     assert [a["exit"] for a in spent] == [-signal.SIGKILL, 0] and spent[0]["seconds"] >= killed_after
     assert spent[0]["at"] + spent[0]["seconds"] <= spent[1]["at"] < time.time()   # each attempt's start, in order
+    sys.path.insert(0, os.path.join(ROOT, "results"))
+    import results_table                        # both attempts' Sacred records begin after the first's start
+    assert len(results_table.sacred_records(str(out), str(logdir), since=spent[0]["at"])) == 2
     row, = csv.DictReader(open(out / "results.csv"))
     assert float(row["wall_s"]) == round(spent[0]["seconds"] + spent[1]["seconds"], 1) and row["attempts"] == "2"
     straight = straight.wait()
