@@ -178,3 +178,12 @@ def test_the_readmes_table_is_the_one_its_csv_gives():
     text = open(results_table.README).read()
     shown = text.split(results_table.START, 1)[1].split(results_table.END, 1)[0].strip()
     assert shown == results_table.table(results_table.read_csv()), "run: python results/results_table.py readme"
+
+
+def test_the_committed_csv_has_its_columns_and_each_sweep_rows_command_reruns_its_row():
+    # a command holds a comma (`--seeds 2020,`): unquoted, csv reads a twelfth field and cuts the command there
+    for row in results_table.read_csv():
+        assert list(row) == results_table.COLUMNS, row
+        if row["command"].startswith("python sweep.py "):
+            args, words = sweep.parse(shlex.split(row["command"])[2:])
+            assert args.cells == row["cell"] and sweep.seed_list(args.seeds, words) == [int(row["seed"])]
