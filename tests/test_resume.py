@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -211,6 +212,16 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path, data_dir):
         run(tmp_path, data_dir, resume=str(tmp_path / "run"), som_dim=[4, 4], convolution=True)
     with pytest.raises(ValueError, match=r"config resume=.*does not exist"):
         run(tmp_path, data_dir, resume=str(tmp_path / "nowhere"))
+
+
+def test_the_docs_name_every_key_a_resume_may_change():
+    """README's and docs/runs.md's lists of keys `resume` may change are checkpoint.RESUMABLE_CHANGES, less resume
+    itself and `checkpoint` (the evaluate command's)."""
+    keys = checkpoint.RESUMABLE_CHANGES - {"resume", "checkpoint"}
+    for doc, start in (("README.md", "With `resume` you may change"), ("docs/runs.md", "Keys given with `resume` may")):
+        text = " ".join(open(os.path.join(ROOT, doc)).read().split())
+        listed = text.split(start, 1)[1].split("; any other", 1)[0]
+        assert set(re.findall(r"`(\w+)`", listed)) == keys, doc
 
 
 def test_resume_after_non_finite_loss(tmp_path, data_dir, monkeypatch):
