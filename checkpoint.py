@@ -122,6 +122,16 @@ def resumed_config(saved: dict, c: dict, given: set[str]) -> dict:
     return resumed
 
 
+def resumed_folder(checkpoint_path: str, c: dict, given: set[str]) -> str:
+    """The folder a resumed run continues in: its checkpoint's. A logdir given beside resume (a sweep gives both)
+    must name that folder; another one is refused rather than ignored."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    if "logdir" in given and os.path.realpath(c["logdir"]) != os.path.realpath(folder):
+        raise ValueError(f"config logdir={c['logdir']!r}: a resumed run continues in its checkpoint's folder "
+                         f"{folder}; leave logdir out (to continue elsewhere, copy that folder and resume the copy)")
+    return folder
+
+
 class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current step; a second signal aborts at once.
 

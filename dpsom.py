@@ -25,7 +25,7 @@ from sacred import Experiment  # noqa: E402
 from sacred.randomness import set_global_seed
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from checkpoint import load_checkpoint, resumed_config
+from checkpoint import load_checkpoint, resumed_config, resumed_folder
 from config_checks import DATA_KEY_DEFAULTS, SetupError, check_config, pick_device
 from dpsom_model import MNIST_SHAPE, check_conv_shape
 from mnist_data import DataError, load_data
@@ -302,9 +302,9 @@ def main(_config: dict, _run) -> dict:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         try:
             c = resumed_config(resume["config"], c, given_keys(_run))
+            c["logdir"] = resumed_folder(resume["path"], c, given_keys(_run))
         except ValueError as e:
             raise SetupError(str(e)) from None
-        c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])

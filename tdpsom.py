@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")   # rai
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from checkpoint import load_checkpoint, resumed_config
+from checkpoint import load_checkpoint, resumed_config, resumed_folder
 from config_checks import SetupError, pick_device
 from plan_runner import TransientFailure, is_transient, run_commandline, write_result
 from sequence_data import NORMALIZATIONS, load_all_sequences, load_sequences
@@ -296,6 +296,7 @@ def main(_config: dict, _run) -> dict:
         try:
             resume = load_checkpoint(c["resume"])
             c = resumed_config(resume["config"], c, given_keys(_run))
+            c["logdir"] = resumed_folder(resume["path"], c, given_keys(_run))
         except FileNotFoundError as e:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         except ValueError as e:
@@ -305,7 +306,6 @@ def main(_config: dict, _run) -> dict:
                                                                                 finetune_start(c)):
             raise SetupError(f"config num_epochs={c['num_epochs']!r}: the run is past joint training; its joint "
                              f"epochs cannot change now (leave num_epochs out)")
-        c["logdir"] = os.path.dirname(os.path.abspath(resume["path"]))
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])

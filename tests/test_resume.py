@@ -126,7 +126,10 @@ def test_resume_alone_continues_with_the_checkpoints_config(stopped):
     refused = resume(logdir, "latent_dim=12")
     assert refused.returncode == 1 and "latent_dim: checkpoint 10, now 12" in refused.stderr
     assert "Traceback" not in refused.stderr
-    done = resume(logdir, "log_every=5")                                       # a key that may change
+    moved = resume(logdir, f"logdir={logdir.parent / 'elsewhere'}")           # refused, not silently ignored
+    assert moved.returncode == 1 and "a resumed run continues in its checkpoint's folder" in moved.stderr
+    assert not (logdir.parent / "elsewhere").exists() and "Traceback" not in moved.stderr
+    done = resume(logdir, "log_every=5", f"logdir={logdir}/")                  # its own folder, as a sweep gives it
     assert done.returncode == 0, done.stderr[-2000:]
     ckpt = torch.load(logdir / "checkpoint.pt", weights_only=False)
     assert ckpt["global_step"] == 6 * (1 + 2 + 3) and ckpt["config"]["log_every"] == 5   # its 3 epochs, not 300

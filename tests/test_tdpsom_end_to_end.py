@@ -209,6 +209,10 @@ def test_resume_refuses_a_num_epochs_that_moves_the_epoch_it_stopped_in(tmp_path
         with pytest.raises(SetupError, match=f"num_epochs={epochs}: the run is past joint training"):
             tdpsom.ex.run(config_updates={"resume": str(tmp_path / "mid"), "num_epochs": epochs},
                           options={"--loglevel": "ERROR"})
+    with pytest.raises(SetupError, match="logdir=.*elsewhere.*continues in its checkpoint's folder"):   # not ignored
+        tdpsom.ex.run(config_updates={"resume": str(tmp_path / "mid"), "logdir": str(tmp_path / "elsewhere")},
+                      options={"--loglevel": "ERROR"})
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_saved_pretraining_runs_the_rest_of_the_plan(tmp_path):
