@@ -12,7 +12,7 @@ forecast are reported per stay, as a share of one joint epoch.
 The full-run estimate: the reference's defaults (50 pretraining, 48 SOM, 100 joint epochs of two ops, 50 fine-tuning
 epochs) on an eICU-sized file of --stays stays, split as TempDPSOM.py splits (68 % training stays), times the
 measured rates. The paper's cohort size is not in the reference code; its hard-coded forecast slice (1,500 test
-stays, batches of 300) needs a test set of 1,500 to 1,799 stays, i.e. 10,000 to 11,999 stays in all, so 10,000 is
+stays, batches of 300) needs a test set of 1,500 to 1,799 stays, i.e. 9,994 to 11,993 stays in all, so 10,000 is
 the default here (docs/tdpsom-design.md §4). The last line of stdout is one JSON object.
 """
 import argparse
