@@ -1,10 +1,34 @@
 """The posterior head's own products, written out with their gradients: amp's bf16 linear layer and tfp's
 FillScaleTriL for the full-covariance scale. Each gives what the plain PyTorch composition gives (the scale bit
-for bit, the bf16 product as bf16 rounds), faster on a CPU."""
+for bit, the bf16 product as bf16 rounds), faster on a CPU. And, at import, the CPU math kernels resolved once on
+one thread (resolve_vml_kernels), so that every run of a seed computes the same numbers."""
 import torch
 import torch.nn.functional as F
 
 TRIL_DIAG_SHIFT = 1e-5   # tfp FillScaleTriL(diag_shift=1e-5): softplus(diag) + 1e-5
+
+# The functions ATen computes with oneMKL's vector math (VML) on x86 CPUs (ATen/cpu/vml.h of torch 2.13).
+VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
+           "tan", "tanh", "trunc")
+
+
+def resolve_vml_kernels() -> None:
+    """Call each VML function once, on one element and one thread, in float32 and float64.
+
+    oneMKL picks a VML function's kernel at its first call. When that first call comes from two intra-op threads
+    at once (a fresh process's first large exp, say), one thread can compute its whole chunk with a
+    low-accuracy kernel, once (pytorch/pytorch#188792). On the 2-core CPU with torch 2.13 it did so in 10 of 150
+    fresh processes (benchmarks/vml_first_call.py; none of 150 after this): the posterior's first exp(0.5 logvar)
+    off by up to 1.5e-4 relative in one row, and two runs of one seed parted from their first step. A call on one element runs on the calling thread alone, and
+    after it every later call gets the accurate kernel. Changes no number of a run that was not hit.
+    """
+    for dtype in (torch.float32, torch.float64):
+        one = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_OPS:
+            getattr(torch, name)(one)
+
+
+resolve_vml_kernels()   # every model module imports this one before it computes anything
 
 
 def has_bf16_arithmetic(device: torch.device) -> bool:

@@ -1,6 +1,7 @@
 """Loss terms against values computed by hand (explicit loops), invariants and gradient routing."""
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -321,3 +322,38 @@ def test_bad_constructor_values():
         DPSOM(posterior="full")
     with pytest.raises(ValueError, match="batchnorm"):
         DPSOM(batchnorm="none")
+
+
+RECORD_IMPORT = """
+import sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class Record(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        print(func.__name__, None if x is None else x.numel(), None if x is None else str(x.dtype))
+        return func(*args, **(kwargs or {}))
+
+with Record():
+    import tdpsom_model  # noqa: F401  (imports dpsom_model, which imports fast_ops)
+"""
+
+
+def test_importing_a_model_first_resolves_every_vml_kernel_on_one_element():
+    """oneMKL's first-call race (fast_ops.resolve_vml_kernels): importing the models calls every VML function
+    on one element, float32 and float64, before any other op runs, so no later call can be a first call on two
+    threads. benchmarks/vml_first_call.py measures what it prevents."""
+    import subprocess
+    import sys
+    from fast_ops import VML_OPS
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", RECORD_IMPORT], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ops = [line.split() for line in out.stdout.splitlines()]
+    calls = [(name, dtype) for name, numel, dtype in ops if name.split(".")[0] in VML_OPS and numel == "1"]
+    want = {(f"{op}.default", f"torch.{dtype}") for op in VML_OPS for dtype in ("float32", "float64")}
+    assert want <= set(calls), sorted(want - set(calls))
+    last = max(i for i, (name, numel, dtype) in enumerate(ops) if (name, dtype) in want and numel == "1")
+    assert all(name.split(".")[0] in ("full", "fill_") or (name, dtype) in want for name, _, dtype in ops[:last + 1]), \
+        ops[:last + 1]
