@@ -228,9 +228,10 @@ def adam_steps(model: DPSOM, variables: dict, entries: dict, step1_grad: dict, s
     hyper, adam = meta["hyper"], meta["adam"]
     b1, b2, eps = adam["beta1"], adam["beta2"], adam["epsilon"]
     checks = [close("Adam beta1, beta2, epsilon", [*opt.defaults["betas"], opt.defaults["eps"]], [b1, b2, eps])]
-    # TF's lr_t of each step from its float32 learning rate and beta powers
+    # TF's lr_t of each step from its float32 learning rate and the beta powers that step uses: step 1 those
+    # before it, step 2 those step 1 left
     lr_t = tuple(float(data[f"step/lr_decayed{sfx}"]) * np.sqrt(1 - float(data[f"step/b2p_{pw}"]))
-                 / (1 - float(data[f"step/b1p_{pw}"])) for sfx, pw in (("", "after"), ("2", "after2")))
+                 / (1 - float(data[f"step/b1p_{pw}"])) for sfx, pw in (("", "before"), ("2", "after")))
     step_ratio = one_minus(b1) / np.sqrt(one_minus(b2))                # |m|/sqrt(v) after one step from zero slots
     largest = (lr_t[0] * step_ratio, lr_t[1] * step_ratio * np.sqrt(1 + b1 ** 2 / b2))
     params = {n: t for n, t in variables.items() if isinstance(t, torch.nn.Parameter)}
