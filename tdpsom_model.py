@@ -268,4 +268,6 @@ class TDPSOM(SOMMixin, nn.Module):
             switches.append("dropout=0")
         if self.lstm.gates != "hard_sigmoid":
             switches.append("lstm_gates='hard_sigmoid'")
+        if self.last_step_target != "self":
+            switches.append("last_step_target='self'")
         return switches

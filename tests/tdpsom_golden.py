@@ -18,7 +18,7 @@ tolerances from its golden README and derives the step bounds the same way):
   of the update (each side forms it through about eight float32 roundings), the gap between the two step sizes
   lr_t (TF1Adam forms the beta powers in float64, TF in float32: at t = 1, 1 - float32(0.999) = 0.0009999871 makes
   TF's sqrt(1 - beta2^t) 6.4e-6 smaller, which cancels TF's float32 1 - beta2 in v; TF1Adam's does not, so its
-  first update is 6.9e-6 larger, relatively), and the spread of Adam's update over the gradients the gradient check
+  first update is 6.7e-6 larger, relatively), and the spread of Adam's update over the gradients the gradient check
   allows: nothing where |g| is large, up to a flipped step where |g| is within the allowance of zero.
 """
 import functools

@@ -240,7 +240,8 @@ def test_tf_loader_round_trip_and_refusals():
     load_tf_arrays(target, arrays)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
     for switch, needed in (({"lstm_gates": "sigmoid"}, "lstm_gates='hard_sigmoid'"),
-                           ({"batchnorm": "standard"}, "batchnorm='frozen'"), ({"dropout": 0.5}, "dropout=0")):
+                           ({"batchnorm": "standard"}, "batchnorm='frozen'"), ({"dropout": 0.5}, "dropout=0"),
+                           ({"last_step_target": "drop"}, "last_step_target='self'")):
         with pytest.raises(ValueError, match=needed):
             load_tf_arrays(tiny(**switch), arrays)
     with pytest.raises(KeyError, match="dense_5"):
