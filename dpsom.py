@@ -301,8 +301,9 @@ def main(_config: dict, _run) -> dict:
         except FileNotFoundError as e:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         try:
-            c = resumed_config(resume["config"], c, given_keys(_run))
-            c["logdir"] = resumed_folder(resume["path"], c, given_keys(_run))
+            given = given_keys(_run)
+            c = resumed_config(resume["config"], c, given)
+            c["logdir"] = resumed_folder(resume["path"], c, given)
         except ValueError as e:
             raise SetupError(str(e)) from None
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")

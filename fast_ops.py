@@ -19,8 +19,9 @@ def resolve_vml_kernels() -> None:
     at once (a fresh process's first large exp, say), one thread can compute its whole chunk with a
     low-accuracy kernel, once (pytorch/pytorch#188792). On the 2-core CPU with torch 2.13 it did so in 10 of 150
     fresh processes (benchmarks/vml_first_call.py; none of 150 after this): the posterior's first exp(0.5 logvar)
-    off by up to 1.5e-4 relative in one row, and two runs of one seed parted from their first step. A call on one element runs on the calling thread alone, and
-    after it every later call gets the accurate kernel. Changes no number of a run that was not hit.
+    off by up to 1.5e-4 relative in one row, and two runs of one seed parted from their first step. A call on
+    one element runs on the calling thread alone, and after it every later call gets the accurate kernel.
+    Changes no number of a run that was not hit.
     """
     for dtype in (torch.float32, torch.float64):
         one = torch.full((1,), 0.5, dtype=dtype)

@@ -295,8 +295,9 @@ def main(_config: dict, _run) -> dict:
     if c["resume"] is not None:   # the run continues with its checkpoint's config, in its own folder
         try:
             resume = load_checkpoint(c["resume"])
-            c = resumed_config(resume["config"], c, given_keys(_run))
-            c["logdir"] = resumed_folder(resume["path"], c, given_keys(_run))
+            given = given_keys(_run)
+            c = resumed_config(resume["config"], c, given)
+            c["logdir"] = resumed_folder(resume["path"], c, given)
         except FileNotFoundError as e:
             raise SetupError(f"config resume={c['resume']!r}: {e}") from None
         except ValueError as e:

@@ -2,6 +2,8 @@
 import copy
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from dpsom_model import DPSOM
 from som import grid_neighbours
-from fast_ops import TRIL_DIAG_SHIFT, FillScaleTriL, fill_scale_tril_indices, tril_fill_index
+from fast_ops import TRIL_DIAG_SHIFT, VML_OPS, FillScaleTriL, fill_scale_tril_indices, tril_fill_index
 from tf1_adam import CHUNK, TF1Adam
 
 
@@ -344,9 +346,6 @@ def test_importing_a_model_first_resolves_every_vml_kernel_on_one_element():
     """oneMKL's first-call race (fast_ops.resolve_vml_kernels): importing the models calls every VML function
     on one element, float32 and float64, before any other op runs, so no later call can be a first call on two
     threads. benchmarks/vml_first_call.py measures what it prevents."""
-    import subprocess
-    import sys
-    from fast_ops import VML_OPS
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", RECORD_IMPORT], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -355,5 +354,5 @@ def test_importing_a_model_first_resolves_every_vml_kernel_on_one_element():
     want = {(f"{op}.default", f"torch.{dtype}") for op in VML_OPS for dtype in ("float32", "float64")}
     assert want <= set(calls), sorted(want - set(calls))
     last = max(i for i, (name, numel, dtype) in enumerate(ops) if (name, dtype) in want and numel == "1")
-    assert all(name.split(".")[0] in ("full", "fill_") or (name, dtype) in want for name, _, dtype in ops[:last + 1]), \
-        ops[:last + 1]
+    before = ops[:last + 1]                      # nothing but the one-element calls and their inputs' creation
+    assert all(name.split(".")[0] in ("full", "fill_") or (name, dtype) in want for name, _, dtype in before), before
