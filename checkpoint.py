@@ -1,4 +1,5 @@
 """Never lose a run: atomic checkpoints with a fallback, the resume check, and stop-on-signal."""
+import copy
 import os
 import signal
 import sys
@@ -8,10 +9,27 @@ import threading
 import torch
 
 
+def on_host(obj):
+    """`obj` with every tensor in it (in dicts, lists and tuples) copied to the CPU; CPU tensors are kept as they
+    are. torch.save tags each tensor with its device: a GPU's tensors saved as they are open only where that GPU
+    exists (a plain torch.load on a laptop fails), so a checkpoint holds host copies."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)          # its type and attributes: a state dict's _metadata (layer versions) stays
+        out.update((k, on_host(v)) for k, v in obj.items())
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(on_host(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically (temp file, fsync, rename) and keep the previous checkpoint as `<path>.prev`."""
+    """Write atomically (temp file, fsync, rename) and keep the previous checkpoint as `<path>.prev`. Tensors are
+    saved from the CPU, whatever device holds them (on_host)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    state = on_host(state)
     with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".tmp") as f:
         try:
             torch.save(state, f)

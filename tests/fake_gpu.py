@@ -11,7 +11,8 @@ Its tensors hold their numbers in CPU memory but report device `fakegpu:0`, and 
 - count host syncs: every value read on the host (`.item()`, `float()`, `.tolist()`), copy to the CPU and
   operation whose output size depends on the data (nonzero, masked_select), in SYNCS.
 The device's module answers is_available(), device_count() == 1 and the RNG calls; torch.manual_seed seeds it.
-A checkpoint written from it holds CPU tensors, as a CUDA checkpoint loaded with map_location="cpu" does.
+Saving one of its tensors (torch.save, pickle) raises: a CUDA tensor saved as it is carries its device, and
+the file then opens only on a machine with that GPU, so whatever is saved must be copied to the host first.
 
 What it cannot tell: speed, memory, CUDA's own kernels and their numerics, autocast on CUDA, cuDNN.
 """
@@ -50,8 +51,9 @@ class FakeGpuTensor(torch.Tensor):
         _sync("tolist")
         return self.inner.tolist()
 
-    def __reduce_ex__(self, protocol):   # saved as its CPU numbers (a CUDA tensor loaded with map_location="cpu")
-        return self.inner.__reduce_ex__(protocol)
+    def __reduce_ex__(self, protocol):   # torch.save (pickle) of a CUDA tensor tags it cuda:0, which only a GPU opens
+        raise RuntimeError(f"a tensor on {DEVICE} is being saved: the file would open only where that device "
+                           f"exists; save host copies (stand-in GPU)")
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -118,6 +118,25 @@ def test_the_old_way_of_loading_a_checkpoint_fails_on_the_stand_in_device(tmp_pa
     assert checkpoint.restore_rng(rng, DEVICE)
 
 
+def test_a_checkpoint_saved_from_the_device_holds_host_tensors(tmp_path):
+    # torch.save tags a CUDA tensor with its device; a file of such tensors opens only where that GPU exists
+    c = {**dpsom.config(), "latent_dim": 4, "som_dim": [2, 2], "posterior": "diag"}
+    model = training.build_model(c).to(DEVICE)
+    opt = plan_runner.make_optimizer(model, c)
+    x = torch.rand(8, 784, device=DEVICE)
+    plan_runner.train_step(model, opt, "pretrain", x, None, 1e-3, training.phase_loss)    # optimiser state made
+    targets = (torch.rand(8, 4, device=DEVICE), torch.rand(8, 4, device=DEVICE))
+    path = str(tmp_path / "c.pt")
+    checkpoint.save_checkpoint(path, checkpoint.checkpoint_state(model, opt, c, 1, 0, 1, "pretrain", 0, targets))
+    saved = torch.load(path, weights_only=False)                        # no map_location, as a user would
+    tensors = [*saved["model"].values(), *saved["targets"],
+               *(t for s in saved["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t))]
+    assert len(tensors) > len(saved["model"]) + 2 and {t.device.type for t in tensors} == {"cpu"}
+    assert {p.device.type for p in model.parameters()} == {DEVICE.type}   # the training copies stay on the device
+    model.load_state_dict(saved["model"])                                # and the file loads back onto it
+    assert torch.equal(next(model.parameters()).cpu(), next(iter(saved["model"].values())))
+
+
 # ---- no host syncs between log points ----------------------------------------------------------------------
 @pytest.mark.parametrize("adam", ["tf1", "torch"])
 def test_training_steps_make_no_host_sync(tmp_path, adam):
