@@ -36,7 +36,8 @@ def has_bf16_arithmetic(device: torch.device) -> bool:
     """Whether the device multiplies bf16 in hardware: a CUDA GPU from Ampere on, or a CPU with Intel's AMX or
     AVX512-BF16 or Arm's BF16 instructions. Elsewhere bf16 is emulated, slower than float32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device):                                # the run's GPU, not the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     caps = torch.cpu.get_capabilities() if device.type == "cpu" else {}
     return any(caps.get(k, False) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
 
@@ -60,7 +61,7 @@ class BF16Linear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g = grad.to(torch.bfloat16)                                 # (B, O)
         grad_w = g.T.contiguous() @ x                               # (O, I); contiguous: see the class docstring
-        return g @ w, grad_w.to(grad.dtype), grad.sum(0)           # dx stays bf16, as the encoder's output
+        return g @ w, grad_w.to(grad.dtype), grad.sum(0)           # dx bf16: autograd casts it to x's dtype
 
 
 def tril_fill_index(n: int) -> torch.Tensor:

@@ -80,7 +80,7 @@ def topology(dist, som_dim: tuple[int, int], toroidal: bool = True) -> dict:
     """qe, te over all N*T steps and qe_step/<t>, te_step/<t> over the N stays' step t. dist (N, T, H*W)."""
     dist = torch.as_tensor(dist)
     N, T, nodes = dist.shape
-    neighbours, exists = grid_neighbours(tuple(som_dim), toroidal)
+    neighbours, exists = (t.to(dist.device) for t in grid_neighbours(tuple(som_dim), toroidal))
     flat = dist.reshape(N * T, nodes)                                         # (N*T, H*W)
     metrics = {"qe": quantization_error(flat), "te": topographic_error(flat, neighbours, exists)}
     for t in range(T):

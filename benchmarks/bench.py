@@ -85,6 +85,7 @@ def bench_arch(conv: bool, data: dict, device: torch.device, max_rounds: int, bu
                variants: bool = False, input_shape: tuple = (1, 28, 28)) -> dict:
     """input_shape: one sample of data["x_train"]'s rows (MNIST's images, or vectors (D,) of one's own data)."""
     c = {**default_config(conv), "input_shape": input_shape}
+    training.amp_on(c, device)                      # a GPU's float32 as a run's: TF32 off (cuDNN's default is on)
     B, cpu = c["batch_size"], device.type == "cpu"
     # Conv on a CPU is ~10x dense: time single steps and extrapolate the two whole-set passes from a subset.
     n_td = 5 * B if conv and cpu else len(data["x_train"])

@@ -16,7 +16,7 @@
 # A machine without internet needs the IDX files brought along: copy mnist/ (and fashion-mnist/) into data/
 # and send that folder with the tree. Python: $PYTHON (default python3) with requirements.txt's packages and a
 # CUDA build of torch; sweep_pack is skipped, saying so, where Ray is missing.
-# Time: GPU_CHECK_BUDGET seconds in all (default 570). Each stage stops at its own cap or at the time left,
+# Time: GPU_CHECK_BUDGET seconds in all (default 540; a stage stopped at its cap has 30 s more to checkpoint). Each stage stops at its own cap or at the time left,
 # whichever comes first (stopped: exit 124 in OUT/summary.txt), and the next stage still runs. A stage that
 # ended with exit 0 leaves OUT/<stage>.done and is skipped when the script runs again in the same OUT
 # (FORCE=1 runs it again); a full run stopped at its cap continues from its checkpoint on the next call.
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 OUT=${1:-gpu_check}
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-570}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 export PYTHONUNBUFFERED=1 DPSOM_REQUIRE_FIXTURES=1      # a test without its data fails, never skips
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

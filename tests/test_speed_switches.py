@@ -30,6 +30,7 @@ def batch(data_dir) -> torch.Tensor:
 
 
 def make(convolution: bool, named: tuple = ()) -> DPSOM:
+    training.amp_on({"amp": False}, DEVICE)      # a GPU's float32 as a run's (TF32 off), whatever ran before
     torch.manual_seed(0)
     config = dpsom.ex.run("print_config", config_updates={"convolution": convolution}, named_configs=named,
                           options={"--loglevel": "ERROR"}).config if named else dpsom.config(fixed={"convolution": convolution})
