@@ -310,7 +310,8 @@ def main(_config: dict, _run) -> dict:
     check_config(c)
     device = pick_device(c["device"])
     _run.info.update(threads=torch.get_num_threads(), device=str(device),   # in Sacred's record: what repeats a run
-                     device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+                     device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                     cpu_capability=torch.backends.cpu.get_cpu_capability())   # the CPU kernels torch chose
     if c["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
         torch.use_deterministic_algorithms(True)

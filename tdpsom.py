@@ -310,7 +310,8 @@ def main(_config: dict, _run) -> dict:
         print(f"resuming {resume['path']}: phase {resume['phase']}, global step {resume['global_step']}")
     check_config(c)
     device = pick_device(c["device"])
-    _run.info.update(threads=torch.get_num_threads(), device=str(device))
+    _run.info.update(threads=torch.get_num_threads(), device=str(device),
+                     cpu_capability=torch.backends.cpu.get_cpu_capability())
     taken = os.path.join(c["logdir"], "checkpoint.pt")
     if resume is None and os.path.exists(taken):
         raise SetupError(f"config logdir={c['logdir']!r}: {taken} holds another run; continue it with "

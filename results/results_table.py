@@ -9,8 +9,9 @@ seed (the run's words), NMI, purity and AMI, the split and the encoding (posteri
 eval_sample=True), the hardware (CPU model and thread count, or GPU, from Sacred's record of the run), the wall
 time over every attempt, the commits it ran (Sacred's records of the attempts, found by the run's name and begun
 after its first attempt; "-dirty" with uncommitted changes) and the sweep command that reruns it. A run already
-in the CSV (same cell, seed, commit, hardware, encoding) is replaced where it stands; a new run is added at the
-end, and the table takes each seed's last row.
+in the CSV (every column the same but wall_h and command) is replaced where it stands; new runs are added at the
+end in the order they finished, and the table takes each seed's last row: collect runs in the order they
+finished.
 `readme` puts the table between the README's results-table markers: this port's dense and conv columns as
 mean ± std (n) over the seeds of each cell (the sample standard deviation; one run has none), beside the
 seed's Torch and TF columns, and the spread of the MNIST dense seeds.
@@ -32,7 +33,8 @@ from sweep_tables import CELLS, SEED_TABLE, write_csv as write_rows  # noqa: E40
 CSV = os.path.join(ROOT, "results", "results_table.csv")
 README = os.path.join(ROOT, "README.md")
 COLUMNS = ["cell", "seed", "nmi", "purity", "ami", "split", "encoding", "hardware", "wall_h", "commit", "command"]
-KEY = ("cell", "seed", "commit", "hardware", "encoding")
+KEY = tuple(c for c in COLUMNS if c not in ("wall_h", "command"))   # one run: collected again, the same key
+OWN_KEYS = ("seed", "logdir", "device", "resume", "data_dir", "pretrain_path", "checkpoint")   # a run's, not a setting
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 ROWS = [("MNIST", "NMI", "mnist", "nmi"), ("MNIST", "purity", "mnist", "purity"),
         ("Fashion-MNIST", "NMI", "fmnist", "nmi"), ("Fashion-MNIST", "purity", "fmnist", "purity")]
@@ -96,19 +98,59 @@ def commit_of(records: list[dict]) -> str:
 
 
 def hardware_of(records: list[dict], device: str, threads: int | None) -> tuple[str, str]:
-    """The CPU model and thread count, or the GPU, the attempts ran on, in order; and the thread count if every
-    attempt had the same (a run begun on 2 threads and continued on 1 is no run of `--cpus-per-run 1`)."""
+    """The CPU model (with the kernels torch chose for it, where recorded) and thread count, or the GPU, the
+    attempts ran on, in order, and the torch build where recorded; and the thread count if every attempt had the
+    same (a run begun on 2 threads and continued on 1 is no run of `--cpus-per-run 1`). An attempt that left no
+    notes (stopped within Sacred's first 10 s, before training) says nothing of threads."""
+    torch_builds = in_order([d.split("==", 1)[1] for r in records
+                             for d in r.get("experiment", {}).get("dependencies", []) if d.startswith("torch==")])
+    build = f", torch {torch_builds}" if torch_builds else ""
     if device != "cpu":
-        return in_order([r.get("info", {}).get("device_name", "GPU") for r in records]), ""
-    counts = [str(r.get("info", {}).get("threads") or threads or "?") for r in records]
+        return in_order([r.get("info", {}).get("device_name", "GPU") for r in records]) + build, ""
+    noted = [r for r in records if r.get("info", {}).get("threads")]
+    counts = [str(r["info"]["threads"]) for r in noted] or [str(threads or "?")]
     plural = "" if set(counts) == {"1"} else "s"
     same = counts[0] if len(set(counts)) == 1 and counts[0].isdigit() else ""
-    return f"{in_order([r['host']['cpu'] for r in records])}, {in_order(counts)} thread{plural}", same
+    cpus = in_order([r["host"]["cpu"] + (f" ({r['info']['cpu_capability']})" if r.get("info", {}).get("cpu_capability")
+                                         else "") for r in (noted or records)])
+    return f"{cpus}, {in_order(counts)} thread{plural}{build}", same
+
+
+def config_of(words: list[str]) -> dict:
+    """Today's config of a run's words (`with` ...), as Sacred resolves them."""
+    import contextlib
+    import io
+    from sacred.arg_parser import get_config_updates
+    import dpsom
+    updates, named = get_config_updates(words)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return dpsom.ex.run("print_config", config_updates=updates, named_configs=named,
+                            options={"--loglevel": "ERROR"}).config
+
+
+def off_default(config: dict, words: list[str]) -> list[str]:
+    """The settings by which a run's recorded config differs from what its words give today (a run of an older
+    default, or of words whose meaning has changed since), as words that would give them; a key the run's code
+    did not have yet counts as today's."""
+    today = config_of(words)
+    return [f"{k}={config[k]!r}" for k in sorted(today)
+            if k not in OWN_KEYS and k in config and config[k] != today[k]]
+
+
+def finished_at(logdir: str) -> float:
+    """When the run finished: its last attempt's start plus its seconds (the result file's time for sweeps that
+    did not record starts)."""
+    with open(os.path.join(logdir, "attempts.json")) as f:
+        last = json.load(f)[-1]
+    if "at" in last:
+        return last["at"] + last["seconds"]
+    return os.path.getmtime(os.path.join(logdir, "result.json"))
 
 
 def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, list[str]]:
     """The CSV row of one finished run of a results_table sweep, and the words it was given beyond its cell's
-    (none for a run of the default); threads: where the run's record lacks them."""
+    and those its recorded config differs by from today's default (none for a run of the default); threads:
+    where the run's record lacks them."""
     with open(os.path.join(logdir, "sweep.json")) as f:
         identity = json.load(f)
     with open(os.path.join(logdir, "result.json")) as f:
@@ -121,6 +163,7 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
     hardware, same_threads = hardware_of(records, identity["device"], threads)
     config = records[-1]["config"]                      # what the words gave, `tf_original`'s eval_sample included
     extra = [w for w in words if w not in CELLS[cell] and not w.startswith("seed=")]
+    extra += off_default(config, words)
     gpu = "" if identity["device"] == "cpu" else " --gpus-per-run 1"
     cpus = f" --cpus-per-run {same_threads}" if same_threads else ""
     seed = str(config["seed"])
@@ -136,11 +179,14 @@ def run_row(out: str, logdir: str, threads: int | None = None) -> tuple[dict, li
 
 
 def collect(outs: list[str], path: str = CSV, threads: int | None = None, changed: bool = False) -> list[dict]:
-    """Add every finished run of the sweep folders to the CSV; returns the rows added or replaced.
+    """Add every finished run of the sweep folders to the CSV, in the order they finished; returns the rows added
+    or replaced.
 
-    Only runs of the default go in: a run given words beyond its cell's (`with amp=True`, a shorter schedule) is
-    left out, saying so, unless `changed` (for tests of this script on short runs)."""
+    Only runs of today's default go in: a run given words beyond its cell's (`with amp=True`, a shorter
+    schedule), or one whose recorded config differs from today's default (a run of an older default), is left
+    out, saying so, unless `changed` (for tests of this script on short runs)."""
     rows, new = read_csv(path), []
+    finished = {}
     for out in outs:
         for logdir in sorted(glob.glob(os.path.join(out, "runs", "*"))):
             name = os.path.basename(logdir)
@@ -154,9 +200,11 @@ def collect(outs: list[str], path: str = CSV, threads: int | None = None, change
                     print(f"left out {logdir}: not the default ({' '.join(extra)})")
                     continue
                 new.append(row)
+                finished[id(row)] = finished_at(logdir)
+    new.sort(key=lambda row: finished[id(row)])   # the table takes a seed's last row: the run that finished last
     index = {tuple(r[k] for k in KEY): i for i, r in enumerate(rows)}
-    for row in new:                     # a run collected again keeps its place: the table's latest row per seed
-        key = tuple(row[k] for k in KEY)   # stays the run added last
+    for row in new:                     # a run collected again keeps its place; another run of a seed is added
+        key = tuple(row[k] for k in KEY)
         if key in index:
             rows[index[key]] = row
         else:

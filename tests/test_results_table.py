@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, cli_words
 
@@ -32,7 +34,8 @@ def test_a_finished_runs_row_from_what_the_sweep_and_sacred_record(tmp_path, cli
     assert len(rows) == 1 and row["cell"] == "mnist_dense" and row["seed"] == "1"
     assert (row["nmi"], row["purity"], row["ami"]) == tuple(f"{result[k]:.4f}" for k in ("nmi", "purity", "ami"))
     assert row["split"] == "validation" and row["encoding"] == "mean" and row["wall_h"] == "2.00"
-    assert row["hardware"].endswith(", 1 thread")                 # the thread count the run itself recorded
+    # the CPU's kernels, thread count and torch build the run itself recorded
+    assert row["hardware"].endswith(f" ({torch.backends.cpu.get_cpu_capability()}), 1 thread, torch {torch.__version__}")
     assert row["commit"].split("-")[0] == head.stdout.strip()
     assert row["command"].startswith("python sweep.py OUT --preset results_table --cells mnist_dense --seeds 1, "
                                      "--cpus-per-run 1 with ")
@@ -87,8 +90,19 @@ def test_split_and_encoding_come_from_the_runs_config_hardware_and_threads_from_
     config = json.load(open(record / "config.json"))
     config["eval_sample"] = True                     # as `with tf_original` sets it: no eval_sample= among the words
     (record / "config.json").write_text(json.dumps(config))
-    row, _ = results_table.run_row(str(out), str(logdir))
+    row, extra = results_table.run_row(str(out), str(logdir))
     assert "eval_sample=True" not in cli_words() and row["encoding"] == "sample" and row["split"] == "validation"
+    assert extra == [w for w in cli_words() if w not in ("validation=True", "seed=1")] + ["eval_sample=True"]
+
+    # a run of an older default: its recorded config differs from today's where no word set it
+    config.update(posterior="diag", eval_sample=False)
+    del config["amp"]                                # a key its code did not have yet counts as today's
+    (record / "config.json").write_text(json.dumps(config))
+    assert results_table.run_row(str(out), str(logdir))[1][-1] == "posterior='diag'"
+    assert results_table.off_default({**config, "posterior": "tril"}, cli_words()) == []
+    assert results_table.off_default({**config, "posterior": "tril", "beta": 0.4}, cli_words()) == ["beta=0.4"]
+    fmnist = {**config, "posterior": "tril", "beta": 0.4, "data_set": "fMNIST", "data_name": "fMNIST"}
+    assert results_table.off_default(fmnist, ["fmnist", *cli_words()]) == []      # what its words give
 
     def rec(cpu, threads):
         return {"host": {"cpu": cpu}, "info": {"threads": threads}}
@@ -98,39 +112,61 @@ def test_split_and_encoding_come_from_the_runs_config_hardware_and_threads_from_
     assert results_table.hardware_of([rec("X", 2), rec("Y", 2)], "cpu", None) == ("X..Y, 2 threads", "2")
     assert results_table.hardware_of([{"host": {"cpu": "X"}}], "cpu", 4) == ("X, 4 threads", "4")
     assert results_table.hardware_of([{"info": {"device_name": "H100"}}], "cuda", None) == ("H100", "")
+    # an attempt stopped before Sacred's first notes says nothing of threads; the kernels and the torch build
+    assert results_table.hardware_of([rec("X", 1), {"host": {"cpu": "X"}}], "cpu", None) == ("X, 1 thread", "1")
+    noted = {"host": {"cpu": "X"}, "info": {"threads": 2, "cpu_capability": "AVX2"},
+             "experiment": {"dependencies": ["numpy==2.3.5", "torch==2.13.0+cpu"]}}
+    assert results_table.hardware_of([noted], "cpu", None) == ("X (AVX2), 2 threads, torch 2.13.0+cpu", "2")
 
 
-def test_collect_names_each_cell_keeps_a_rows_place_and_leaves_out_what_is_not_a_finished_run(tmp_path, monkeypatch,
-                                                                                               capsys):
+def test_collect_names_each_cell_adds_runs_in_the_order_they_finished_and_leaves_out_what_is_not_a_finished_run(
+        tmp_path, monkeypatch, capsys):
     # a conv and an fmnist_conv run (names that share a prefix), an unfinished run and a stray folder
     out = tmp_path / "out"
-    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes", "mnist_dense_seed=9"):
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8", "notes", "mnist_dense_seed=9",
+                 "mnist_conv_seed=6"):
         (out / "runs" / name).mkdir(parents=True)
-    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "mnist_dense_seed=9"):   # 9: a run without sweep.json
+    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "mnist_dense_seed=9", "mnist_conv_seed=6"):
         (out / "runs" / name / "result.json").write_text(json.dumps({"nmi": 0.7, "purity": 0.97, "ami": 0.6}))
     (out / "runs" / "notes" / "result.json").write_text("{}")
     assert [results_table.cell_of(n) for n in ("mnist_conv_seed=7", "fmnist_conv_seed=7", "fmnist_dense_seed=8",
                                                "mnist_dense_seed=1", "notes")] == [
         "mnist_conv", "fmnist_conv", "fmnist_dense", "mnist_dense", None]
+    # finished: fmnist_conv 7 last, mnist_conv 6 (sorted first by name) after mnist_conv 7
+    for name, at in (("mnist_conv_seed=7", 100.0), ("fmnist_conv_seed=7", 900.0), ("mnist_conv_seed=6", 500.0)):
+        (out / "runs" / name / "sweep.json").write_text("{}")
+        (out / "runs" / name / "attempts.json").write_text(json.dumps([{"at": at, "seconds": 60.0}]))
+
+    def row(cell, seed, purity):
+        return {**{k: "x" for k in results_table.COLUMNS}, "cell": cell, "seed": seed, "purity": purity,
+                "split": "validation", "encoding": "mean"}
     seen = []   # run_row's files are the first test's; here only which folders reach it, under which cell
     monkeypatch.setattr(results_table, "run_row", lambda o, logdir, threads: seen.append(logdir) or (
-        {"cell": results_table.cell_of(os.path.basename(logdir)), "seed": "7",
-         "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.97"}, []))
-    for name in ("mnist_conv_seed=7", "fmnist_conv_seed=7"):
-        (out / "runs" / name / "sweep.json").write_text("{}")
+        row(results_table.cell_of(os.path.basename(logdir)), os.path.basename(logdir)[-1],
+            "0.91" if logdir.endswith("mnist_conv_seed=6") else "0.97"), []))
     csv_path = str(tmp_path / "t.csv")
-    results_table.write_csv([{"cell": "mnist_dense", "seed": "2020"}, {"cell": "mnist_conv", "seed": "7",
-                             "commit": "a", "hardware": "cpu", "encoding": "mean", "purity": "0.5"},
-                             {"cell": "mnist_dense", "seed": "2021"}], csv_path)
+    collected = {**row("mnist_conv", "7", "0.97"), "wall_h": "1.00", "command": "an older command"}   # this run
+    results_table.write_csv([row("mnist_dense", "2020", "0.9"), collected, row("mnist_dense", "2021", "0.9")],
+                            csv_path)
     new = results_table.collect([str(out)], path=csv_path)
-    assert sorted(r["cell"] for r in new) == ["fmnist_conv", "mnist_conv"] and len(seen) == 2
+    assert [(r["cell"], r["seed"]) for r in new] == [("mnist_conv", "7"), ("mnist_conv", "6"), ("fmnist_conv", "7")]
+    assert len(seen) == 3
     told = capsys.readouterr().out
     assert "fmnist_dense_seed=8: not finished" in told and "notes: not a run of" in told
     assert "mnist_dense_seed=9: not a run of" in told
     table = results_table.read_csv(csv_path)
     assert [(r["cell"], r["seed"]) for r in table] == [("mnist_dense", "2020"), ("mnist_conv", "7"),
-                                                       ("mnist_dense", "2021"), ("fmnist_conv", "7")]
-    assert table[1]["purity"] == "0.97"                             # replaced where it stood
+                                                       ("mnist_dense", "2021"), ("mnist_conv", "6"),
+                                                       ("fmnist_conv", "7")]
+    assert table[1]["command"] == "x"                               # collected again: replaced where it stood
+    # another run of a seed already in the table (other numbers) is added after it, and the table takes it
+    monkeypatch.setattr(results_table, "run_row", lambda o, logdir, threads: (row("mnist_conv", "7", "0.99"), []))
+    (out / "runs" / "mnist_conv_seed=6" / "result.json").unlink()
+    (out / "runs" / "fmnist_conv_seed=7" / "result.json").unlink()
+    results_table.collect([str(out)], path=csv_path)
+    table = results_table.read_csv(csv_path)
+    assert len(table) == 6 and table[-1]["purity"] == "0.99"
+    assert results_table.cell_values(table, "mnist_conv", "purity") == [0.99, 0.91]
 
 
 def test_the_commit_of_attempts_in_the_order_they_ran():
@@ -184,6 +220,10 @@ def test_the_committed_csv_has_its_columns_and_each_sweep_rows_command_reruns_it
     # a command holds a comma (`--seeds 2020,`): unquoted, csv reads a twelfth field and cuts the command there
     for row in results_table.read_csv():
         assert list(row) == results_table.COLUMNS, row
-        if row["command"].startswith("python sweep.py "):
+        if row["command"].startswith("python sweep.py "):                # a run of the default, as it ran
             args, words = sweep.parse(shlex.split(row["command"])[2:])
             assert args.cells == row["cell"] and sweep.seed_list(args.seeds, words) == [int(row["seed"])]
+            assert words == [] and args.preset == "results_table", row
+            threads = re.search(r", (\d+) threads?(, |$)", row["hardware"])   # absent: it changed, or a GPU's
+            assert (f"--cpus-per-run {threads[1]}" in row["command"]) if threads else (
+                "--cpus-per-run" not in row["command"]), row
