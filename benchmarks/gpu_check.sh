@@ -40,6 +40,16 @@ if [ -z "$DATA" ] || [ ! -e "$DATA/mnist" ]; then
     exit 2
 fi
 DATA=$(cd "$DATA" && pwd)
+# every stage but env needs the project's packages: say which are missing before any stage runs
+if ! missing=$("$PY" -c "
+import importlib.util as u
+names = ['torch', 'numpy', 'sklearn', 'scipy', 'sacred', 'pkg_resources', 'tqdm', 'tensorboard', 'h5py', 'psutil', 'pytest']
+print(' '.join(n for n in names if u.find_spec(n) is None))") || [ -n "$missing" ]; then
+    echo "gpu_check: $PY lacks ${missing:-a working Python}: pip install -r requirements.txt (pkg_resources is" \
+         "setuptools<81's; Sacred imports it); without internet, pip install --no-index --target DIR the wheels" \
+         "brought along and set PYTHONPATH=DIR" >&2
+    exit 2
+fi
 
 if [ "$DEVICE" = cpu ]; then   # the rehearsal: the same stages and commands at sizes of seconds
     TINY="max_train_samples=600 batch_size=100 epochs_pretrain=1 som_epochs=1 som_learning_rates=[0.9,0.1]
