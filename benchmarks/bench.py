@@ -19,7 +19,8 @@ has bf16 arithmetic, amp_speedup is always measured (the amp joint step's rate o
 interleaved), and for the dense model gemm_fraction: the bare step's multiply-add rate (its layers' products,
 forward and backward) over a plain matmul of the posterior head's shape timed beside it, in float32 and, for
 the amp bare step, in bf16: how close a step comes to what the cores can do.
-The last line of stdout is one JSON object.
+The last line of stdout is one JSON object of everything; each model's timings come first as a line of their own
+as soon as they are measured, so a run stopped by a time cap keeps them.
 """
 import argparse
 import json
@@ -411,6 +412,7 @@ def main() -> None:
         result[arch] = bench_arch(conv, data, device, rounds, budget_s=30 if cpu else 20, variants=variants)
         result[arch]["peak_memory_mb"] = peak_rss_mb() if cpu else torch.cuda.max_memory_allocated(device) / 2 ** 20
         print(f"bench: {arch} timed, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(json.dumps({arch: result[arch]}), flush=True)   # kept if a time cap stops what follows
     result["peak_memory_mb"] = max(result[a]["peak_memory_mb"] for a, _ in archs)
     # One joint epoch and its two target-distribution passes at the dense speed just measured, plus a
     # margin for what train() adds (start-up, monitoring, evaluation, checkpoint).
