@@ -120,7 +120,7 @@ def load_checkpoint(path: str) -> dict:
 
 # Keys a resumed run may change; every other key keeps the checkpoint's value.
 RESUMABLE_CHANGES = {"resume", "logdir", "device", "compile", "data_dir", "data_path", "log_every", "num_epochs", "val_epochs",
-                     "seed", "save_pretrain", "pretrain_path", "deterministic", "checkpoint"}
+                     "seed", "save_pretrain", "pretrain_path", "deterministic", "checkpoint", "checkpoint_every"}
 
 
 def resumed_config(saved: dict, c: dict, given: set[str]) -> dict:

@@ -88,6 +88,8 @@ def config():
     compile = False                  # torch.compile each phase's loss (compiling takes a while at each phase's start)
     amp = False                      # bf16 products (encoder, decoder, head) on bf16 hardware; SOM, losses float32
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
+    checkpoint_every = 60            # seconds: an epoch ends with a checkpoint once this long has passed since the last
+                                     # (0: every epoch); every phase ends with one, and so does a stop signal
     arch = "conv" if convolution else "dense"
     data_name = os.path.splitext(os.path.basename(data_path))[0] if isinstance(data_path, str) else data_set  # for names
     logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_{data_name}_{arch}_{uuid.uuid4().hex[:6]}")  # run folder

@@ -265,8 +265,10 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
     ckpt_path = os.path.join(logdir, "checkpoint.pt")
     x_mon = x_eval[:B]                                                 # fixed monitoring batch
     bar, bar_phase, metrics = None, None, {}
+    saved_at = time.monotonic()                                       # the last checkpoint (or the start)
     model.train()
-    with StopRequest(f"the last checkpoint ({ckpt_path}, end of the last epoch) is kept; {how_to_continue}") as stop:
+    with StopRequest(f"the last checkpoint ({ckpt_path}, the end of an epoch at most checkpoint_every="
+                     f"{c['checkpoint_every']} s before the last one's end) is kept; {how_to_continue}") as stop:
         for index in range(start, len(plan)):
             e, started, b0 = plan[index], time.perf_counter(), first_batch if index == start else 0
             epoch = phases[:index].count(e.phase)                      # epoch within its phase
@@ -312,8 +314,10 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
                 log.scalars("eval", metrics, global_step)
             if e.pictures:
                 recipe.pictures(log, model, x_eval, e.phase, global_step, last_of_phase)
-            state = checkpoint_state(model, opt, c, global_step, index + 1, 0, e.phase, epoch)
-            save_checkpoint(ckpt_path, state)
+            if last_of_phase or time.monotonic() - saved_at >= c["checkpoint_every"]:   # a GPU's epochs take seconds
+                state = checkpoint_state(model, opt, c, global_step, index + 1, 0, e.phase, epoch)
+                save_checkpoint(ckpt_path, state)
+                saved_at = time.monotonic()
             release_freed_memory()
             if e.phase == recipe.save_pretrain_after and last_of_phase and c["save_pretrain"]:
                 save_checkpoint(c["pretrain_path"], state)

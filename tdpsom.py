@@ -81,6 +81,8 @@ def config():
     device = "auto"                  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     compile = False                  # torch.compile each op's loss
     log_every = 50                   # steps between logged scalars (the only host syncs in the loop)
+    checkpoint_every = 60            # seconds: an epoch ends with a checkpoint once this long has passed since the last
+                                     # (0: every epoch); every phase ends with one, and so does a stop signal
     data_name = os.path.splitext(os.path.basename(data_path))[0] if isinstance(data_path, str) else "none"
     logdir = os.path.join("runs", f"{datetime.now():%Y%m%d-%H%M%S}_tdpsom_{data_name}_{uuid.uuid4().hex[:6]}")
     save_pretrain = False            # save model and optimiser after phase 2 to pretrain_path
@@ -155,6 +157,8 @@ def check_config(c: dict) -> None:
         need(is_int(c[key]) and c[key] >= 0, key, "must be a non-negative integer")
     need(c["som_epochs"] is None or (is_int(c["som_epochs"]) and c["som_epochs"] >= 0), "som_epochs",
          "must be None (epochs_pretrain // 3) or a non-negative integer")
+    need(is_number(c["checkpoint_every"]) and c["checkpoint_every"] >= 0, "checkpoint_every",
+         "must be a non-negative number of seconds (0: a checkpoint every epoch)")
     for key in ("beta", "gamma", "theta", "kappa", "eta", "prior", "learning_rate"):
         need(is_number(c[key]) and c[key] >= 0, key, "must be a non-negative number")
     need(is_number(c["alpha"]) and c["alpha"] > 0, "alpha", "degrees of freedom must be > 0")

@@ -75,7 +75,8 @@ def test_save_and_use_saved_pretrain(tmp_path, data_dir, saved_pretrain):
                                        ("prior_var", 0), ("dropout", 1.0), ("adam", "sgd"), ("amp", "yes"),
                                        ("compile", 1), ("more_runs", "false"), ("save_pretrain", "no"),
                                        ("use_saved_pretrain", "false"), ("deterministic", "false"),
-                                       ("leaky_logits", "false"), ("device", "gpu"), ("som_dim", 8)])
+                                       ("leaky_logits", "false"), ("device", "gpu"), ("som_dim", 8),
+                                       ("checkpoint_every", -1), ("checkpoint_every", "60")])
 def test_bad_config_fails_before_training(tmp_path, data_dir, key, value):
     with pytest.raises(dpsom.SetupError, match=f"config {key}="):
         run(tmp_path, data_dir, **{key: value})

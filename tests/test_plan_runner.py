@@ -23,7 +23,7 @@ PLAN = [Epoch("warmup", 0.1, ("ae",), pictures=True),
         Epoch("finetune", 0.001, ("prediction",), evaluate=True, pictures=True)]
 OPS = ["ae"] * 3 + ["joint", "prediction"] * 6 + ["prediction"] * 3          # 18 optimiser steps
 CONFIG = dict(batch_size=B, compile=False, adam="tf1", learning_rate=0.01, decay_factor=0.5, decay_steps=3,
-              log_every=3, save_pretrain=False, use_saved_pretrain=False, som_dim=[1, K])
+              log_every=3, save_pretrain=False, use_saved_pretrain=False, som_dim=[1, K], checkpoint_every=0)
 
 
 class Toy(nn.Module):
@@ -132,6 +132,17 @@ def test_two_ops_a_batch_one_global_step_lr_per_op_targets_per_epoch(tmp_path, s
     assert [e.step for e in acc.Scalars("warmup/loss")] == [3] and [e.step for e in acc.Scalars("finetune/loss")] == [18]
     assert [e.step for e in acc.Scalars("eval/score")] == [15, 18] and metrics == {"score": pytest.approx(
         acc.Scalars("eval/score")[-1].value)}
+
+
+@pytest.mark.parametrize("every, saved_at_steps", [(0, [3, 9, 15, 18]), (3600, [3, 15, 18])])
+def test_a_checkpoint_ends_every_phase_and_an_epoch_once_checkpoint_every_has_passed(tmp_path, steps, monkeypatch,
+                                                                                     every, saved_at_steps):
+    # 0: every epoch; an hour: the phases' last epochs only (warmup, the second joint epoch, finetune)
+    saved, real = [], plan_runner.save_checkpoint
+    monkeypatch.setattr(plan_runner, "save_checkpoint", lambda path, state: saved.append(state["global_step"])
+                        or real(path, state))
+    run(tmp_path, "straight", checkpoint_every=every)
+    assert saved == saved_at_steps
 
 
 def test_a_stop_between_the_ops_of_a_batch_resumes_to_the_uninterrupted_run(tmp_path, steps):

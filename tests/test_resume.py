@@ -47,7 +47,8 @@ def weights(path):
 # multi-threaded. Sampled codes make the target pass draw from training's random stream too (target_sample, the
 # default; eval_sample for the evaluations between).
 FULL = dict(max_train_samples=600, epochs_pretrain=1, som_epochs=1, som_learning_rates=[0.9, 0.1], num_epochs=11,
-            val_epochs=True, validation=True, max_eval_samples=300, log_every=2, seed=3, eval_sample=True)
+            val_epochs=True, validation=True, max_eval_samples=300, log_every=2, seed=3, eval_sample=True,
+            checkpoint_every=0)                   # a checkpoint every epoch: the moments below count its writes
 FULL_ARGS = [f"{k}={v}" for k, v in FULL.items()]   # 2 steps an epoch: pretrain 1-2, som_init 3-6, train 7-28
 
 

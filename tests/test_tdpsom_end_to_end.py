@@ -240,6 +240,7 @@ def test_a_saved_pretraining_runs_the_rest_of_the_plan(tmp_path):
     ({"forecast_steps": T}, "forecast_steps=8 needs at least 9"),
     ({"batch_size": 100}, "batch_size=100: is larger than the 32 training stays"),
     ({"component_planes": ["nope"]}, "component_planes: 'nope' is not a feature"),
+    ({"checkpoint_every": -1}, "checkpoint_every=-1: must be a non-negative number of seconds"),
 ])
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, config, message):
     from config_checks import SetupError
