@@ -36,7 +36,9 @@ def test_som_init_changes_only_the_prototypes(tmp_path, data_dir):
             assert same, name
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("every, kept", [(0, ("train", 24)),            # joint epoch 0's
+                                         (3600, ("som_init", 18))])      # the last phase's end
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch, every, kept):
     calls = {"n": 0}
     real = training.phase_loss
 
@@ -51,9 +53,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, mon
 
     monkeypatch.setattr(training, "phase_loss", poisoned)
     with pytest.raises(plan_runner.NonFiniteLoss, match=r"phase train, epoch 1, global step 26 \(terms: som\)"):
-        run(tmp_path, data_dir, log_every=100)
+        run(tmp_path, data_dir, log_every=100, checkpoint_every=every)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert ckpt["phase"] == "train" and ckpt["epoch"] == 0 and ckpt["global_step"] == 24
+    assert (ckpt["phase"], ckpt["global_step"]) == kept
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
