@@ -53,7 +53,8 @@ def check_config(c: dict, n_train: int | None = None) -> None:
         need(is_int(c[key]) and c[key] > 0, key, "must be a positive integer")
     for key in ("epochs_pretrain", "som_epochs", "num_epochs"):
         need(is_int(c[key]) and c[key] >= 0, key, "must be a non-negative integer")
-    need(isinstance(c["checkpoint_every"], (int, float)) and not isinstance(c["checkpoint_every"], bool) and c["checkpoint_every"] >= 0, "checkpoint_every",
+    every = c["checkpoint_every"]
+    need(isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0, "checkpoint_every",
          "must be a non-negative number of seconds (0: a checkpoint every epoch)")
     for key in ("beta", "gamma", "theta", "prior", "learning_rate", "learning_rate_pretrain"):
         need(isinstance(c[key], (int, float)) and c[key] >= 0, key, "must be a non-negative number")

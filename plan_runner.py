@@ -267,8 +267,7 @@ def run_plan(recipe: Recipe, c: dict, data: dict, device: torch.device, logdir: 
     bar, bar_phase, metrics = None, None, {}
     saved_at = time.monotonic()                                       # the last checkpoint (or the start)
     model.train()
-    with StopRequest(f"the last checkpoint ({ckpt_path}, the end of an epoch at most checkpoint_every="
-                     f"{c['checkpoint_every']} s before the last one's end) is kept; {how_to_continue}") as stop:
+    with StopRequest(f"the last checkpoint ({ckpt_path}) is kept; {how_to_continue}") as stop:
         for index in range(start, len(plan)):
             e, started, b0 = plan[index], time.perf_counter(), first_batch if index == start else 0
             epoch = phases[:index].count(e.phase)                      # epoch within its phase
